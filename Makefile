@@ -1,0 +1,54 @@
+# pytest-vmfork: everything a fresh Debian 12 machine needs, from two commands.
+#   make demo   - fork a VM per test of the demo suite and print the timing summary
+#   make test   - run the project's tests (unit, plugin and real-VM tests)
+# Both install what they need (apt packages, .venv/, the guest image) and are
+# idempotent: a second run reuses the venv and the cached image and snapshot.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PKGS := qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs util-linux
+# xdist workers for the test run: VM tests fork in parallel on both cores.
+TEST_WORKERS ?= 2
+
+.PHONY: setup apt venv image demo test unit bench proto clean-cache
+
+setup: apt venv
+
+apt:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+image: setup
+	$(BIN)/vmfork build
+
+demo: setup
+	$(BIN)/pytest fixtures/demo -v -p no:cacheprovider
+
+test: setup
+	$(BIN)/pytest tests -n $(TEST_WORKERS) -p no:cacheprovider
+
+unit: setup
+	$(BIN)/pytest tests/unit -q
+
+bench: setup
+	$(BIN)/pytest tests/bench --benchmark-only --benchmark-json=bench-results/bench.json -p no:cacheprovider
+
+proto: venv
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. pytest_vmfork/proto/agent.proto
+
+clean-cache:
+	rm -rf $${VMFORK_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/pytest-vmfork}

@@ -1,0 +1,443 @@
+#!/usr/bin/env python3
+"""pytest-vmfork guest agent: PID-1's long-lived helper inside every VM.
+
+It serves the gRPC ``Agent`` API (pytest_vmfork/proto/agent.proto) over a
+virtio-serial port, owns the mailboxes the host patches into memory, and on
+every resume (fork) it reseeds randomness, sets the clock, delivers mailbox
+payloads, applies the network handoff and then tells the host it is ready.
+
+Channels (both virtio-serial, so neither depends on the guest's network):
+- ``org.vmfork.ctl``: a byte pipe bridged to the local gRPC server socket.
+- ``org.vmfork.evt``: line events to the host (``vmfork-evt event=ready ...``);
+  from the host, a single doorbell byte queued *before* the vCPUs resume, so
+  the resume thread's blocked ``read()`` returns the moment the fork runs.
+  No polling and no host-to-guest RPC on the resume path.
+
+The resume path runs under TCG in a freshly started QEMU that must translate
+every guest instruction again, so it is kept short: no imports, no logging to
+the console, pre-opened file descriptors, pre-built objects.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import mmap
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from pyroute2 import IPRoute
+
+from pytest_vmfork import mailbox as mbx
+from pytest_vmfork.proto import agent_pb2 as pb
+from pytest_vmfork.proto import agent_pb2_grpc as pb_grpc
+
+AGENT_VERSION = "1"
+PORT_CTL = "org.vmfork.ctl"
+PORT_EVT = "org.vmfork.evt"
+RUN_DIR = "/run/vmfork"
+GRPC_SOCK = RUN_DIR + "/agent.sock"
+MAILBOX_DIR = RUN_DIR + "/mailbox"
+DOORBELL = b"R"
+RNDRESEEDCRNG = 0x5207
+CHILD_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+}
+START = time.monotonic()
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"vmfork-agent: {msg}\n")
+
+
+def cmdline_params() -> dict[str, str]:
+    """``vmfork.key=value`` words from the kernel command line."""
+    with open("/proc/cmdline") as f:
+        words = f.read().split()
+    out = {}
+    for w in words:
+        if w.startswith("vmfork."):
+            key, _, value = w[len("vmfork.") :].partition("=")
+            out[key] = value
+    return out
+
+
+def find_port(name: str, timeout: float = 30.0) -> str:
+    """The /dev node of the virtio-serial port called ``name`` (no udev here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        base = "/sys/class/virtio-ports"
+        for entry in os.listdir(base) if os.path.isdir(base) else ():
+            try:
+                with open(f"{base}/{entry}/name") as f:
+                    if f.read().strip() == name:
+                        return f"/dev/{entry}"
+            except OSError:
+                continue
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"virtio-serial port {name} did not appear")
+        time.sleep(0.05)  # boot only: the module may still be probing
+
+
+class GuestMailbox:
+    """One page of mlock'ed memory whose physical address the host learns."""
+
+    def __init__(self, name: str, nonce: bytes) -> None:
+        self.name = name
+        self.size = mbx.PAGE_SIZE
+        self.mem = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.mem[:] = mbx.initial_image(name, nonce, self.size)  # faults the page in
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        if _libc.mlock(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size)) != 0:
+            raise OSError(ctypes.get_errno(), f"mlock mailbox {name}")
+        self.phys = self._physical_address()
+        self.last_seq = mbx.sequence_of(self.mem)
+        self.payload = b""
+        self.generation = 0
+
+    def _physical_address(self) -> int:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek((self.addr // mbx.PAGE_SIZE) * 8)
+            (entry,) = struct.unpack("<Q", f.read(8))
+        if not entry >> 63 & 1:
+            raise RuntimeError(f"mailbox {self.name} page is not present")
+        pfn = entry & ((1 << 55) - 1)
+        if pfn == 0:
+            raise RuntimeError("pagemap hides PFNs: the agent must run as root")
+        return pfn * mbx.PAGE_SIZE
+
+    def take(self) -> mbx.Delivery | None:
+        got = mbx.read(self.mem, self.last_seq)
+        if got is not None:
+            self.last_seq = got.sequence
+        return got
+
+
+FRAME = struct.Struct("<II")  # session id, length (0: the session ended)
+
+
+class Bridge:
+    """Carries gRPC's HTTP/2 sessions over the ctl virtio-serial port.
+
+    The byte stream is framed by the host (pytest_vmfork/vmm.py): every chunk
+    carries a random session id, one per host client connection. A new id
+    opens a fresh connection to the in-guest gRPC server, so a session never
+    continues across a restore (every fork's first id is new) or across a
+    host reconnect; stale bytes of an old session are dropped on both sides.
+    """
+
+    def __init__(self, port_path: str) -> None:
+        self.fd = os.open(port_path, os.O_RDWR)
+        self.lock = threading.Lock()
+        self.wlock = threading.Lock()
+        self.inner: socket.socket | None = None
+        self.sid = 0
+
+    def reset(self) -> None:
+        with self.lock:
+            inner, self.inner = self.inner, None
+        if inner is not None:
+            try:
+                inner.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            inner.close()
+
+    def _send(self, sid: int, data: bytes) -> None:
+        view = memoryview(FRAME.pack(sid, len(data)) + data)
+        with self.wlock:
+            while view:
+                view = view[os.write(self.fd, view) :]
+
+    def _pump_out(self, s: socket.socket, sid: int) -> None:
+        while True:
+            try:
+                data = s.recv(65536)
+            except OSError:
+                data = b""
+            try:
+                self._send(sid, data)  # an empty frame tells the host the session ended
+            except OSError:
+                break
+            if not data:
+                break
+        with self.lock:
+            if self.inner is s:
+                self.inner = None
+        s.close()
+
+    def _read_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = os.read(self.fd, n - len(buf))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return buf
+
+    def run(self) -> None:
+        while True:
+            try:
+                sid, length = FRAME.unpack(self._read_exact(FRAME.size))
+                data = self._read_exact(length) if length else b""
+            except EOFError:  # no host connected (never on a fork: QEMU holds it)
+                self.reset()
+                time.sleep(0.05)
+                continue
+            if sid != self.sid:
+                self.reset()
+                self.sid = sid
+            if not data:
+                self.reset()
+                continue
+            with self.lock:
+                if self.inner is None:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.connect(GRPC_SOCK)
+                    self.inner = s
+                    threading.Thread(target=self._pump_out, args=(s, sid), daemon=True).start()
+                inner = self.inner
+            try:
+                inner.sendall(data)
+            except OSError:
+                self.reset()
+
+
+class Agent(pb_grpc.AgentServicer):
+    def __init__(self) -> None:
+        params = cmdline_params()
+        self.nonce = os.urandom(mbx.NONCE_SIZE)
+        self.system = GuestMailbox(mbx.SYSTEM_MAILBOX, self.nonce)
+        names = [n for n in params.get("mailboxes", "").split(",") if n]
+        self.user = {n: GuestMailbox(n, self.nonce) for n in names}
+        self.generation = 0
+        self.token = ""
+        self.kernel = os.uname().release
+        self.urandom = os.open("/dev/urandom", os.O_WRONLY)
+        os.makedirs(MAILBOX_DIR, exist_ok=True)
+        self.evt = os.open(find_port(PORT_EVT), os.O_RDWR)
+        self.bridge = Bridge(find_port(PORT_CTL))
+        self.evt_lock = threading.Lock()
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.ipr = IPRoute()
+        self.net_lock = threading.Lock()
+        self.warm_network()
+
+    # --- events to the host ------------------------------------------------
+
+    def emit(self, **fields: object) -> None:
+        line = b"vmfork-evt " + b" ".join(f"{k}={v}".encode() for k, v in fields.items()) + b"\n"
+        with self.evt_lock:
+            os.write(self.evt, line)
+
+    # --- resume ------------------------------------------------------------
+
+    def resume_loop(self) -> None:
+        while True:
+            data = os.read(self.evt, 64)
+            if not data:  # no host listening (boot only)
+                time.sleep(0.05)
+                continue
+            if DOORBELL in data:
+                try:
+                    self.on_resume()
+                except Exception as exc:  # report, never die: the host waits for a line
+                    self.emit(event="error", stage="resume", detail=type(exc).__name__)
+                    log(f"resume failed: {exc!r}")
+
+    def on_resume(self) -> None:
+        t0 = time.monotonic()
+        got = self.system.take()
+        if got is None:
+            self.emit(event="error", stage="resume", detail="no-new-generation")
+            return
+        cfg = json.loads(got.data)
+        entropy = bytes.fromhex(cfg["entropy"])
+        os.write(self.urandom, entropy)
+        fcntl.ioctl(self.urandom, RNDRESEEDCRNG)
+        random.seed(entropy)
+        if "time_ns" in cfg:
+            time.clock_settime_ns(time.CLOCK_REALTIME, int(cfg["time_ns"]))
+        self.generation = int(cfg["gen"])
+        self.token = cfg.get("token", "")
+        net = cfg.get("net")
+        if net:
+            self.apply_network(net)
+            self.ack(net, mailbox=mbx.SYSTEM_MAILBOX, ip=net["ipv4"])
+        acks = cfg.get("acks", {})
+        for mb in self.user.values():
+            delivery = mb.take()
+            if delivery is not None:
+                self.deliver(mb, delivery, acks.get(mb.name), net)
+        self.emit(event="ready", gen=self.generation, resume_ms=f"{(time.monotonic() - t0) * 1e3:.2f}")
+        log(f"resumed as fork generation {self.generation}")  # after the signal: off the hot path
+
+    def deliver(self, mb: GuestMailbox, delivery: mbx.Delivery, ack: str | None, net: dict | None) -> None:
+        """Publish a payload at /run/vmfork/mailbox/<name>.json (atomically).
+
+        ``ack`` is "agent" (acknowledge on delivery), "guest" (a guest program
+        acknowledges when it has applied the payload: it sends the datagram
+        written to <name>.ack, e.g. with ``vmfork-ack <name>``) or None.
+        """
+        mb.payload = delivery.data
+        mb.generation = self.generation
+        path = f"{MAILBOX_DIR}/{mb.name}.json"
+        _atomic_write(path, delivery.data)
+        if ack and net:
+            datagram = mbx.format_ack(stage="applied", mailbox=mb.name, gen=self.generation, token=self.token)
+            if ack == "guest":
+                _atomic_write(f"{MAILBOX_DIR}/{mb.name}.ack",
+                              f"{net['ack_host']} {net['ack_port']} ".encode() + datagram + b"\n")
+            else:
+                self.udp.sendto(datagram, (net["ack_host"], int(net["ack_port"])))
+
+    # --- network ---------------------------------------------------------------
+
+    def warm_network(self) -> None:
+        """Run the apply path once at boot so every lazy import and cache inside
+        pyroute2 is already in the snapshot; forks then only pay TCG translation."""
+        try:
+            self.eth = self.ipr.link_lookup(ifname="eth0")[0]
+        except IndexError:
+            self.eth = None
+            return
+        mac = self.ipr.get_links(self.eth)[0].get_attr("IFLA_ADDRESS")
+        self.apply_network({"mac": mac, "ipv4": "169.254.77.77", "prefix": 32, "gateway": None})
+        self.ipr.addr("del", index=self.eth, address="169.254.77.77", prefixlen=32)
+        self.ipr.link("set", index=self.eth, state="down")
+
+    def apply_network(self, net: dict) -> None:
+        """MAC, address, link, default route, stale neighbours: all over netlink."""
+        if self.eth is None:
+            raise RuntimeError("the guest has no eth0")
+        with self.net_lock:
+            ipr, idx = self.ipr, self.eth
+            ipr.link("set", index=idx, address=net["mac"])
+            for addr in ipr.get_addr(index=idx, family=socket.AF_INET):
+                ipr.addr("del", index=idx, address=addr.get_attr("IFA_ADDRESS"), prefixlen=addr["prefixlen"])
+            ipr.addr("add", index=idx, address=net["ipv4"], prefixlen=int(net["prefix"]))
+            ipr.link("set", index=idx, state="up")
+            if net.get("gateway"):
+                ipr.route("replace", dst="0.0.0.0/0", gateway=net["gateway"], oif=idx)
+            for neigh in ipr.get_neighbours(ifindex=idx):
+                ipr.neigh("del", ifindex=idx, dst=neigh.get_attr("NDA_DST"))
+
+    def ack(self, net: dict, **fields: object) -> None:
+        datagram = mbx.format_ack(stage="applied", gen=self.generation, token=self.token, **fields)
+        self.udp.sendto(datagram, (net["ack_host"], int(net["ack_port"])))
+
+    # --- gRPC ---------------------------------------------------------------
+
+    def Health(self, request, context):  # noqa: N802 (gRPC names)
+        return pb.HealthResponse(
+            healthy=True,
+            generation=self.generation,
+            agent_version=AGENT_VERSION,
+            uptime_s=time.monotonic() - START,
+            kernel_release=self.kernel,
+        )
+
+    def Describe(self, request, context):  # noqa: N802
+        boxes = [self.system, *self.user.values()]
+        return pb.DescribeResponse(
+            nonce=self.nonce,
+            mailboxes=[pb.MailboxInfo(name=b.name, guest_phys_addr=b.phys, size=b.size) for b in boxes],
+            agent_version=AGENT_VERSION,
+            kernel_release=self.kernel,
+            generation=self.generation,
+        )
+
+    def ReadMailbox(self, request, context):  # noqa: N802
+        mb = self.user.get(request.name)
+        if mb is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no mailbox named {request.name!r}")
+        return pb.ReadMailboxResponse(payload=mb.payload, generation=mb.generation)
+
+    def ReconfigureNetwork(self, request, context):  # noqa: N802
+        t0 = time.monotonic()
+        net = {"mac": request.mac, "ipv4": request.ipv4, "prefix": request.prefix,
+               "gateway": request.gateway}
+        self.apply_network(net)
+        return pb.ReconfigureNetworkResponse(apply_ms=(time.monotonic() - t0) * 1e3)
+
+    def Exec(self, request, context):  # noqa: N802
+        t0 = time.monotonic()
+        env = dict(CHILD_ENV)
+        env.update(request.env)
+        argv = list(request.argv)
+        if not argv:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "argv is empty")
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=request.cwd or "/",
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            msg = f"vmfork-agent: cannot execute {argv[0]!r}: {exc.strerror}\n".encode()
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            return pb.ExecResponse(exit_code=code, stderr=msg, duration_ms=(time.monotonic() - t0) * 1e3)
+        timed_out = False
+        try:
+            out, err = proc.communicate(request.stdin, timeout=request.timeout_s or None)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            out, err = proc.communicate()
+        return pb.ExecResponse(
+            exit_code=proc.returncode,
+            stdout=out,
+            stderr=err,
+            timed_out=timed_out,
+            duration_ms=(time.monotonic() - t0) * 1e3,
+        )
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+def main() -> None:
+    os.makedirs(RUN_DIR, exist_ok=True)
+    try:
+        os.unlink(GRPC_SOCK)
+    except FileNotFoundError:
+        pass
+    agent = Agent()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_AgentServicer_to_server(agent, server)
+    server.add_insecure_port("unix:" + GRPC_SOCK)
+    server.start()
+    threading.Thread(target=agent.bridge.run, name="bridge", daemon=True).start()
+    threading.Thread(target=agent.resume_loop, name="resume", daemon=True).start()
+    log(f"ready: version {AGENT_VERSION}, kernel {agent.kernel}, mailboxes {sorted(agent.user)}")
+    agent.emit(event="ready", gen=0, boot_ms=f"{(time.monotonic() - START) * 1e3:.0f}")
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()

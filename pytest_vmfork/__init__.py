@@ -1,0 +1,49 @@
+"""pytest-vmfork: a real Linux VM per test, forked from a snapshot in milliseconds.
+
+Library use, without pytest::
+
+    from pytest_vmfork import Template, SnapshotStore, Run, fork
+
+    store = SnapshotStore(cache_dir)
+    snap = store.get(Template(), run=Run())
+    with fork(snap) as vm:
+        print(vm.exec(["uname", "-r"]).stdout)
+"""
+
+from .agent import ExecResult, ExecTimeout
+from .errors import (
+    AckTimeout,
+    BuildError,
+    ConfigError,
+    GuestError,
+    HandoffError,
+    ImageBuildError,
+    RestoreError,
+    StateError,
+    VMForkError,
+)
+from .fork import VM, fork
+from .run import Run
+from .snapshot import Snapshot, SnapshotStore
+from .template import Template
+
+__all__ = [
+    "AckTimeout",
+    "BuildError",
+    "ConfigError",
+    "ExecResult",
+    "ExecTimeout",
+    "GuestError",
+    "HandoffError",
+    "ImageBuildError",
+    "RestoreError",
+    "Run",
+    "Snapshot",
+    "SnapshotStore",
+    "StateError",
+    "Template",
+    "VM",
+    "VMForkError",
+    "fork",
+]
+__version__ = "0.1.0"

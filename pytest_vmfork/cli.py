@@ -1,0 +1,114 @@
+"""The ``vmfork`` command: build the image and snapshot, or fork a VM by hand.
+
+    vmfork build [--template pkg.module:NAME] [--rebuild]
+    vmfork run [--template ...] -- uname -a
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from .accel import resolve_accel
+from .config import ACCELS, default_cache_dir
+from .errors import ConfigError, VMForkError
+from .fork import fork
+from .run import Run
+from .snapshot import Snapshot, SnapshotStore
+from .template import Template
+
+
+def load_template(spec: str | None) -> Template:
+    """``module:attr`` naming a Template or a zero-argument callable returning one."""
+    if not spec:
+        return Template()
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ConfigError(f"--template {spec!r}: use the form package.module:NAME")
+    sys.path.insert(0, ".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--template {spec!r}: {exc}") from exc
+    template = obj() if callable(obj) and not isinstance(obj, Template) else obj
+    if not isinstance(template, Template):
+        raise ConfigError(f"--template {spec!r} is a {type(template).__name__}, not a pytest_vmfork.Template")
+    return template
+
+
+def _snapshot(args: argparse.Namespace, run: Run) -> Snapshot:
+    template = load_template(args.template)
+    progress = print
+    accel = resolve_accel(args.accel, args.cache_dir, template, progress)
+    store = SnapshotStore(args.cache_dir, accel=accel, progress=progress)
+    return store.get(template, run=run, rebuild=getattr(args, "rebuild", False))
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    run = Run()
+    try:
+        t0 = time.monotonic()
+        snap = _snapshot(args, run)
+        state = "cache hit" if snap.cache_hit else f"built in {snap.build_s:.1f}s"
+        print(f"snapshot {snap.key}: {state} ({time.monotonic() - t0:.1f}s)\n  {snap.dir}")
+    finally:
+        run.remove()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.argv:
+        raise ConfigError("vmfork run needs a command after --, e.g. vmfork run -- uname -a")
+    run = Run()
+    try:
+        snap = _snapshot(args, run)
+        with fork(snap, run=run) as vm:
+            res = vm.exec(args.argv, timeout=args.timeout)
+            sys.stdout.buffer.write(res.stdout)
+            sys.stderr.buffer.write(res.stderr)
+            print(f"[vmfork] {vm.name}: restore-to-healthy {vm.timings['restore_to_healthy_ms']:.0f} ms",
+                  file=sys.stderr)
+            return res.returncode
+    finally:
+        run.remove()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmfork", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--template", help="package.module:NAME of a Template (default: the stock one)")
+        p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+        p.add_argument("--accel", choices=ACCELS, default="auto")
+
+    b = sub.add_parser("build", help="build the guest image and the template snapshot (cached)")
+    common(b)
+    b.add_argument("--rebuild", action="store_true", help="boot the template again and retake the snapshot")
+    b.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("run", help="fork one VM, run a command in it, tear it down")
+    common(r)
+    r.add_argument("--timeout", type=float, default=60.0)
+    r.add_argument("argv", nargs=argparse.REMAINDER)
+    r.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "argv", None) and args.argv[0] == "--":
+        args.argv = args.argv[1:]
+    try:
+        return int(args.func(args))
+    except VMForkError as exc:
+        print(f"vmfork: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

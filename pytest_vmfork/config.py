@@ -1,0 +1,110 @@
+"""Settings: every knob is a ``--vmfork-*`` option and a ``vmfork_*`` ini key.
+
+Resolved once into a frozen :class:`Settings`. Precedence: command line, then
+environment variable (where one exists), then ini file, then default. Values
+are resolved with ``is None`` so an explicit falsy value still wins.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+ACCELS = ("auto", "tcg", "kvm")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("VMFORK_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pytest-vmfork"
+
+
+def _bool(name: str) -> Callable[[Any], bool]:
+    def parse(value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{name}={value!r}: use true or false")
+
+    return parse
+
+
+def _accel(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ACCELS:
+        raise ConfigError(f"vmfork accel {value!r} is not one of {', '.join(ACCELS)}")
+    return text
+
+
+def _seconds(name: str, upper: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r}: use a number of seconds") from None
+        if not 0 < number <= upper:
+            raise ConfigError(f"{name}={value!r}: use seconds greater than 0 and at most {upper:g}")
+        return number
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # ini key; the flag is --<name with - for _>
+    help: str
+    parse: Callable[[Any], Any]
+    default: Callable[[], Any]
+    env: str | None = None
+    flag_type: str = "value"  # or "bool"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("vmfork_accel", "accelerator: auto (KVM only if a probe boots the guest kernel under it), tcg or kvm",
+           _accel, lambda: "auto", env="VMFORK_ACCEL"),
+    Option("vmfork_cache_dir", "where images and snapshots are cached (default ~/.cache/pytest-vmfork)",
+           lambda v: Path(str(v)).expanduser(), default_cache_dir, env="VMFORK_CACHE_DIR"),
+    Option("vmfork_rebuild", "boot the template again and retake the snapshot (once per run); "
+           "the image is rebuilt only if its inputs changed", _bool("vmfork_rebuild"), lambda: False,
+           flag_type="bool"),
+    Option("vmfork_keep_failed", "keep a failed test's VM files (console log, handles) and print where",
+           _bool("vmfork_keep_failed"), lambda: False, flag_type="bool"),
+    Option("vmfork_ready_timeout", "seconds a fork may take to signal readiness",
+           _seconds("vmfork_ready_timeout", 600), lambda: 30.0),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    accel: str = "auto"
+    cache_dir: Path = Path(".")
+    rebuild: bool = False
+    keep_failed: bool = False
+    ready_timeout: float = 30.0
+
+    @classmethod
+    def resolve(cls, getoption: Callable[[str], Any], getini: Callable[[str], Any]) -> "Settings":
+        values: dict[str, Any] = {}
+        for opt in OPTIONS:
+            raw = getoption(opt.name)
+            if raw is None and opt.env:
+                raw = os.environ.get(opt.env) or None
+            if raw is None:
+                ini = getini(opt.name)
+                raw = ini if ini not in (None, "", []) else None
+            values[opt.name.removeprefix("vmfork_")] = opt.default() if raw is None else opt.parse(raw)
+        return cls(**values)

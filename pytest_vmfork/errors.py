@@ -1,0 +1,67 @@
+"""The error tree. Everything pytest-vmfork raises derives from VMForkError.
+
+    VMForkError
+    ├── ConfigError      bad input; raised before any VM is touched (also a ValueError)
+    ├── BuildError       image build, template boot, warm-up or snapshot failed
+    │   └── ImageBuildError
+    ├── RestoreError     a fork did not come up (carries the console tail)
+    │   ├── HandoffError the network handoff failed on both paths
+    │   └── AckTimeout   a mailbox ack did not arrive in time
+    ├── GuestError       the guest agent failed or an exec timed out
+    └── StateError       an operation in the wrong lifecycle state
+"""
+
+from __future__ import annotations
+
+
+class VMForkError(Exception):
+    """Root of every pytest-vmfork error."""
+
+
+class ConfigError(VMForkError, ValueError):
+    """Invalid option, template or payload; nothing was started."""
+
+
+class BuildError(VMForkError):
+    """Building the image, booting the template or taking the snapshot failed."""
+
+    def __init__(self, message: str, *, console_tail: str = "") -> None:
+        if console_tail:
+            message = f"{message}\n--- template console (last lines) ---\n{console_tail}"
+        super().__init__(message)
+        self.console_tail = console_tail
+
+
+class ImageBuildError(BuildError):
+    """The guest image could not be built from Debian packages and wheels."""
+
+
+class RestoreError(VMForkError):
+    """A fork could not be restored to a healthy guest."""
+
+    def __init__(self, message: str, *, console_tail: str = "") -> None:
+        if console_tail:
+            message = f"{message}\n--- fork console (last lines) ---\n{console_tail}"
+        super().__init__(message)
+        self.console_tail = console_tail
+
+
+class HandoffError(RestoreError):
+    """Neither the guest-initiated handoff nor the gRPC fallback configured the network."""
+
+
+class AckTimeout(RestoreError):
+    """A mailbox requested with wait_for_ack was not acknowledged in time."""
+
+
+class GuestError(VMForkError):
+    """The guest agent could not run a request (including exec timeouts)."""
+
+
+class StateError(VMForkError):
+    """The VM is not in a state that allows this operation."""
+
+    def __init__(self, operation: str, state: str, required: str) -> None:
+        super().__init__(f"cannot {operation}: VM is {state}, needs {required}")
+        self.state = state
+        self.required = required

@@ -1,0 +1,275 @@
+"""The pytest plugin: options, fixtures, failure reports and the run summary.
+
+Glue only. Building snapshots and forking VMs live in the library
+(``pytest_vmfork.snapshot`` / ``pytest_vmfork.fork``) and work without pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+from typing import Any, Iterator
+
+import pytest
+
+from .accel import resolve_accel
+from .config import OPTIONS, Settings
+from .errors import ConfigError
+from .fork import VM, fork
+from .run import Run, base_dir
+from .snapshot import Snapshot, SnapshotStore
+from .template import Template
+
+SESSION_KEY = pytest.StashKey["VMForkSession"]()
+ITEM_VMS = pytest.StashKey[list[VM]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vmfork", "pytest-vmfork: a forked VM per test")
+    for opt in OPTIONS:
+        if opt.flag_type == "bool":
+            group.addoption(opt.flag, dest=opt.name, action="store_const", const=True, default=None, help=opt.help)
+        else:
+            group.addoption(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(), help=opt.help)
+        parser.addini(opt.name, opt.help, default=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "vmfork_mailbox(name, payload, *, wait_for_ack=False, ack_timeout=2.0): "
+        "deliver a JSON payload to the `vm` fork's mailbox before it resumes (repeatable)",
+    )
+    try:
+        settings = Settings.resolve(config.getoption, config.getini)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        run = Run(run_id=workerinput["testrunuid"], worker=workerinput["workerid"].replace("gw", "w"))
+    else:
+        run = Run(run_id=os.environ.get("PYTEST_XDIST_TESTRUNUID") or Run().run_id)
+    config.stash[SESSION_KEY] = VMForkSession(config, settings, run)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is not None:
+        session.close()
+
+
+class VMForkSession:
+    """Per-process state: settings, run directory, snapshots, statistics."""
+
+    def __init__(self, config: pytest.Config, settings: Settings, run: Run) -> None:
+        self.config = config
+        self.settings = settings
+        self.run = run
+        self.snapshots: list[Snapshot] = []
+        self.restore_ms: list[float] = []
+        self.forks = 0
+        self.live: set[VM] = set()
+
+    def progress(self, message: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None and not hasattr(self.config, "workerinput"):
+            reporter.write_line(message)
+
+    def snapshot(self, template: Template) -> Snapshot:
+        if not isinstance(template, Template):
+            raise ConfigError(
+                f"vmfork_template must return a pytest_vmfork.Template, got {type(template).__name__}"
+            )
+        store = SnapshotStore(
+            self.settings.cache_dir,
+            accel=resolve_accel(self.settings.accel, self.settings.cache_dir, template, self.progress),
+            progress=self.progress,
+        )
+        snap = store.get(template, run=self.run, rebuild=self.settings.rebuild)
+        self.snapshots.append(snap)
+        return snap
+
+    def fork(self, snapshot: Snapshot, mailboxes: dict[str, Any] | None = None) -> VM:
+        vm = fork(snapshot, run=self.run, mailboxes=mailboxes, ready_timeout=self.settings.ready_timeout)
+        self.forks += 1
+        self.restore_ms.append(vm.timings["restore_to_healthy_ms"])
+        self.live.add(vm)
+        return vm
+
+    def release(self, vm: VM, failed: bool) -> None:
+        self.live.discard(vm)
+        keep = failed and self.settings.keep_failed
+        vm.close(keep_files=keep)
+        if keep:
+            kept = base_dir() / "kept" / f"{self.run.run_id}-{vm.name}"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(vm.dir), kept)
+            for sock in kept.glob("*.sock"):
+                sock.unlink()
+            self.progress(
+                f"vmfork: kept the files of failed VM {vm.name}: {kept} "
+                "(console.log = guest console after the restore, qemu.stderr, handles.json)"
+            )
+
+    def close(self) -> None:
+        for vm in list(self.live):
+            vm.close()
+        self.live.clear()
+        if not hasattr(self.config, "workerinput") or not any(self.run.dir.iterdir()):
+            self.run.remove()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "forks": self.forks,
+            "restore_ms": self.restore_ms,
+            "snapshots": [
+                {"key": s.key, "cache_hit": s.cache_hit, "build_s": s.build_s, "boot_s": s.boot_s}
+                for s in self.snapshots
+            ],
+        }
+
+
+def _session(request: pytest.FixtureRequest) -> VMForkSession:
+    return request.config.stash[SESSION_KEY]
+
+
+@pytest.fixture(scope="session")
+def vmfork_template() -> Template:
+    """The template recipe (a ``pytest_vmfork.Template``) that every fork starts from.
+
+    Override this fixture in your conftest.py to change memory, vCPUs, extra
+    Debian packages, files, warm-up commands or mailboxes.
+    """
+    return Template()
+
+
+@pytest.fixture(scope="session")
+def vmfork_snapshot(request: pytest.FixtureRequest, vmfork_template: Template) -> Snapshot:
+    """The template's snapshot: booted once per run (once across xdist workers)
+    and reused from the cache across runs while nothing that shapes the guest changed.
+    ``vmfork_snapshot.mailboxes`` lists the mailboxes forks can receive."""
+    return _session(request).snapshot(vmfork_template)
+
+
+@pytest.fixture
+def vm(request: pytest.FixtureRequest, vmfork_snapshot: Snapshot) -> Iterator[VM]:
+    """A running VM forked from ``vmfork_snapshot`` for this test only; torn down after it.
+
+    Payloads from ``@pytest.mark.vmfork_mailbox(name, payload)`` are in its memory
+    before it resumes."""
+    session = _session(request)
+    payloads = _marker_payloads(request.node)
+    machine = session.fork(vmfork_snapshot, payloads)
+    request.node.stash.setdefault(ITEM_VMS, []).append(machine)
+    yield machine
+    session.release(machine, _failed(request.node))
+
+
+class VMFactory:
+    """Fork any number of VMs in one test: ``vm_factory()`` or ``vm_factory(mailboxes={...})``."""
+
+    def __init__(self, session: VMForkSession, snapshot: Snapshot, node: pytest.Item) -> None:
+        self._session = session
+        self._snapshot = snapshot
+        self._node = node
+        self.vms: list[VM] = []
+
+    def __call__(self, *, mailboxes: dict[str, Any] | None = None, snapshot: Snapshot | None = None) -> VM:
+        machine = self._session.fork(snapshot or self._snapshot, mailboxes)
+        self.vms.append(machine)
+        self._node.stash.setdefault(ITEM_VMS, []).append(machine)
+        return machine
+
+
+@pytest.fixture
+def vm_factory(request: pytest.FixtureRequest, vmfork_snapshot: Snapshot) -> Iterator[VMFactory]:
+    """A callable that forks a new VM per call; every VM it made is torn down after the test."""
+    factory = VMFactory(_session(request), vmfork_snapshot, request.node)
+    yield factory
+    failed = _failed(request.node)
+    for machine in factory.vms:
+        _session(request).release(machine, failed)
+
+
+def _marker_payloads(node: pytest.Item) -> dict[str, Any] | None:
+    payloads: dict[str, Any] = {}
+    for mark in reversed(list(node.iter_markers("vmfork_mailbox"))):
+        if len(mark.args) != 2:
+            raise ConfigError(
+                f"@pytest.mark.vmfork_mailbox takes (name, payload), got {len(mark.args)} positional arguments"
+            )
+        name, payload = mark.args
+        if name in payloads:
+            raise ConfigError(f"@pytest.mark.vmfork_mailbox: mailbox {name!r} is given twice")
+        payloads[name] = payload
+    return payloads or None
+
+
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def _failed(node: pytest.Item) -> bool:
+    reports = node.stash.get(_REPORTS, {})
+    return any(r.failed for r in reports.values())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report: pytest.TestReport = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    if report.failed:
+        for machine in item.stash.get(ITEM_VMS, []):
+            tail = machine.console_tail() or machine.timings.get("console_tail", "")
+            report.sections.append((f"vmfork console of {machine.name} (last lines)", tail))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is None:
+        return
+    stats = session.stats()
+    for worker in getattr(config, "_vmfork_worker_stats", []):
+        stats["forks"] += worker["forks"]
+        stats["restore_ms"] += worker["restore_ms"]
+        stats["snapshots"] += worker["snapshots"]
+    if not stats["forks"] and not stats["snapshots"]:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("vmfork summary")
+    seen = set()
+    for snap in stats["snapshots"]:
+        if snap["key"] in seen:
+            continue
+        seen.add(snap["key"])
+        if snap["cache_hit"]:
+            write(f"snapshot {snap['key']}: cache hit (no template boot)")
+        else:
+            write(f"snapshot {snap['key']}: built in {snap['build_s']:.1f}s (template cold boot {snap['boot_s']:.1f}s)")
+    ms = sorted(stats["restore_ms"])
+    if ms:
+        p50 = statistics.median(ms)
+        p95 = ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
+        write(f"forks: {len(ms)}  restore-to-healthy p50 {p50:.0f} ms  p95 {p95:.0f} ms  max {ms[-1]:.0f} ms")
+        boot = [s["boot_s"] for s in stats["snapshots"] if s["boot_s"]]
+        if boot:
+            write(f"cold boot / fork restore (p50): {max(boot) * 1000 / p50:.0f}x")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    output = getattr(node, "workeroutput", {}) or {}
+    if "vmfork_stats" in output:
+        cfg = node.config
+        if not hasattr(cfg, "_vmfork_worker_stats"):
+            cfg._vmfork_worker_stats = []
+        cfg._vmfork_worker_stats.append(output["vmfork_stats"])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    cfg = session.config
+    if hasattr(cfg, "workeroutput"):
+        state = cfg.stash.get(SESSION_KEY, None)
+        if state is not None:
+            cfg.workeroutput["vmfork_stats"] = state.stats()

@@ -1,0 +1,73 @@
+"""Per-run working directories: where live VMs keep their sockets and handles.
+
+One run (a pytest session with all its xdist workers, or one script) owns
+``<tmp>/vmfork-<uid>/<run id>/``. Every live VM has a directory below it with
+its sockets, console log and a ``handles.json`` naming the transient handles
+(VMM PID and start time, files), so that another process can clean up after a
+run that died. Paths stay short: Unix socket paths are limited to 107 bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_counter = itertools.count(1)
+_counter_lock = threading.Lock()
+
+
+def base_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"vmfork-{os.getuid()}"
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(4)
+
+
+@dataclass
+class Run:
+    """A run's directory; ``worker`` tells xdist workers' VMs apart."""
+
+    run_id: str = field(default_factory=new_run_id)
+    worker: str = "m"
+    root: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.root is None:
+            self.root = base_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        owner = self.dir / "owner.json"
+        if not owner.exists():
+            owner.write_text(json.dumps({"pid": os.getpid(), "run_id": self.run_id}))
+
+    @property
+    def dir(self) -> Path:
+        assert self.root is not None
+        return self.root / self.run_id[:16]
+
+    def new_vm_dir(self, kind: str) -> tuple[str, Path]:
+        """A fresh, unique VM name and its directory."""
+        with _counter_lock:
+            n = next(_counter)
+        name = f"{kind}{self.worker}-{os.getpid() % 100000}-{n}"
+        path = self.dir / name
+        path.mkdir(parents=True)
+        return name, path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_handles(vm_dir: Path, handles: dict[str, Any]) -> None:
+    """Record a VM's transient handles atomically (read by cleanup of dead runs)."""
+    tmp = vm_dir / "handles.json.tmp"
+    tmp.write_text(json.dumps(handles))
+    os.replace(tmp, vm_dir / "handles.json")

@@ -1,0 +1,322 @@
+"""Snapshots: boot a template once, save it, and keep it in a content-keyed cache.
+
+A snapshot is two files plus a manifest:
+
+- ``memory.ram``: guest RAM. The template ran with this file as a *shared*
+  memory backend, so RAM never passes through the migration stream
+  (``x-ignore-shared``); every fork maps it *privately* (copy-on-write).
+- ``state.bin``: device state only (about a megabyte).
+- ``manifest.json``: the key, the machine, the mailbox offsets in
+  ``memory.ram`` (verified against the marker + nonce), sizes and checksums.
+
+Building takes a lock per key, so parallel xdist workers and concurrent runs
+build a missing snapshot once; it is assembled in a staging directory and
+renamed into place, so a crash never leaves a half snapshot under the key.
+The template is shut down right after the save and never runs again: a
+private mapping would otherwise see its later writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+
+from . import image as image_mod
+from . import mailbox as mbx
+from .agent import AgentClient
+from .errors import BuildError, ConfigError, VMForkError
+from .run import Run
+from .template import Template
+from .vmm import MachineSpec, QemuProcess, qemu_version
+
+Progress = Callable[[str], None]
+MANIFEST = "manifest.json"
+TEMPLATE_MAC = "52:54:00:00:00:01"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A saved, healthy template, ready to fork. Plain data; safe to share."""
+
+    key: str
+    dir: Path
+    machine: MachineSpec
+    nonce: bytes
+    offsets: dict[str, int]  # mailbox name -> offset in memory.ram (system one included)
+    mailboxes: tuple[str, ...]  # the user mailboxes this snapshot offers
+    manifest: dict[str, Any]
+    cache_hit: bool = False
+    build_s: float = 0.0
+    boot_s: float = 0.0
+
+    @property
+    def memory_path(self) -> Path:
+        return self.dir / "memory.ram"
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.bin"
+
+    @classmethod
+    def load(cls, directory: Path, *, cache_hit: bool = True) -> "Snapshot":
+        """Load and verify a saved snapshot; raise BuildError if it is damaged."""
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise BuildError(f"snapshot {directory} has no readable manifest: {exc}") from exc
+        problems = verify_files(directory, manifest)
+        if problems:
+            raise BuildError(f"snapshot {directory} is damaged: {'; '.join(problems)}")
+        m = manifest["machine"]
+        machine = MachineSpec(
+            kernel=Path(m["kernel"]),
+            initrd=Path(m["initrd"]),
+            rootfs=Path(m["rootfs"]),
+            cmdline=m["cmdline"],
+            memory_mib=m["memory_mib"],
+            vcpus=m["vcpus"],
+            accel=m["accel"],
+        )
+        return cls(
+            key=manifest["key"],
+            dir=directory,
+            machine=machine,
+            nonce=bytes.fromhex(manifest["nonce"]),
+            offsets={k: int(v) for k, v in manifest["offsets"].items()},
+            mailboxes=tuple(manifest["mailboxes"]),
+            manifest=manifest,
+            cache_hit=cache_hit,
+            build_s=float(manifest.get("build_s", 0.0)),
+            boot_s=float(manifest.get("boot_s", 0.0)),
+        )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """Cheap integrity checks: sizes, the device state's checksum, mailbox markers."""
+    problems = []
+    for name, meta in manifest.get("files", {}).items():
+        path = directory / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{name} is missing")
+            continue
+        if size != meta["size"]:
+            problems.append(f"{name} is {size} bytes, manifest says {meta['size']}")
+        elif "sha256" in meta and _sha256(path) != meta["sha256"]:
+            problems.append(f"{name} checksum mismatch")
+    if not problems:
+        nonce = bytes.fromhex(manifest["nonce"])
+        with open(directory / "memory.ram", "rb") as f:
+            for name, off in manifest["offsets"].items():
+                f.seek(int(off))
+                if f.read(len(mbx.marker(name, nonce, mbx.PAGE_SIZE))) != mbx.marker(name, nonce, mbx.PAGE_SIZE):
+                    problems.append(f"mailbox {name!r} marker not found at offset {off}")
+    for part in ("kernel", "initrd", "rootfs"):
+        if not Path(manifest["machine"][part]).exists():
+            problems.append(f"image file {manifest['machine'][part]} is missing")
+    return problems
+
+
+def ram_offset(gpa: int, memory_bytes: int) -> int:
+    """Map a guest-physical address to its offset in the RAM file (q35 layout).
+
+    q35 puts RAM below the PCI hole up to 2 GiB (or 2.75 GiB when it all fits),
+    and the rest above 4 GiB; the backend file holds low RAM then high RAM.
+    """
+    lowmem = 0x80000000 if memory_bytes >= 0xB0000000 else 0xB0000000
+    below = min(memory_bytes, lowmem)
+    if gpa < below:
+        return gpa
+    if gpa >= 1 << 32 and gpa - (1 << 32) < memory_bytes - below:
+        return below + gpa - (1 << 32)
+    raise BuildError(f"guest-physical address {gpa:#x} is outside guest RAM")
+
+
+@dataclass
+class SnapshotStore:
+    """The snapshot cache under ``<cache_dir>/snapshots``."""
+
+    cache_dir: Path
+    accel: str = "tcg"
+    progress: Progress = field(default=lambda msg: None)
+
+    def key_for(self, template: Template) -> str:
+        return template.snapshot_key(accel=self.accel, qemu_version=qemu_version())
+
+    def path_for(self, key: str) -> Path:
+        return self.cache_dir / "snapshots" / key
+
+    def get(self, template: Template, *, run: Run, rebuild: bool = False) -> Snapshot:
+        """The template's snapshot: from the cache, or built now (once per key).
+
+        ``rebuild`` boots the template again even if a snapshot is cached, but
+        only once per run: a later caller with the same ``run.run_id`` (an
+        xdist worker) reuses what the first one rebuilt.
+        """
+        key = self.key_for(template)
+        final = self.path_for(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(final) + ".lock"):
+            if final.exists():
+                try:
+                    snap = Snapshot.load(final)
+                except BuildError as exc:
+                    self.progress(f"vmfork: discarding damaged snapshot {key}: {exc}")
+                    shutil.rmtree(final, ignore_errors=True)
+                else:
+                    if not rebuild or snap.manifest.get("run_id") == run.run_id:
+                        return snap
+            return self._build(template, key, final, run)
+
+    def _build(self, template: Template, key: str, final: Path, run: Run) -> Snapshot:
+        t0 = time.monotonic()
+        self.progress("vmfork: building guest image (first run only; cached by content)")
+        img = image_mod.build_image(template.image_spec(), self.cache_dir, progress=self.progress)
+        staging = final.parent / f".staging-{key}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            manifest = self._boot_and_save(template, img, key, staging, run, t0)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if final.exists():
+                trash = final.parent / f".trash-{key}-{os.getpid()}"
+                os.rename(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        snap = Snapshot.load(final, cache_hit=False)
+        self.progress(
+            f"vmfork: snapshot {key} ready (template boot {snap.boot_s:.1f}s, total {snap.build_s:.1f}s)"
+        )
+        return snap
+
+    def _boot_and_save(
+        self, template: Template, img: Any, key: str, staging: Path, run: Run, t0: float
+    ) -> dict[str, Any]:
+        extra = f" vmfork.mailboxes={','.join(template.mailboxes)}" if template.mailboxes else ""
+        machine = MachineSpec(
+            kernel=img.kernel,
+            initrd=img.initrd,
+            rootfs=img.rootfs,
+            cmdline=image_mod.KERNEL_CMDLINE + extra,
+            memory_mib=template.memory_mib,
+            vcpus=template.vcpus,
+            accel=self.accel,
+        )
+        mem_path = staging / "memory.ram"
+        name, workdir = run.new_vm_dir("t")
+        argv = machine.argv(
+            workdir=workdir,
+            mem_path=mem_path,
+            shared=True,
+            incoming=False,
+            netdev=["type=hubport", "hubid=0"],
+            mac=TEMPLATE_MAC,
+            name=name,
+        )
+        self.progress(f"vmfork: booting template {name} ({template.memory_mib} MiB, {self.accel})")
+        qemu = QemuProcess.start(argv, workdir, name)
+        agent: AgentClient | None = None
+        try:
+            t_boot = time.monotonic()
+            ready = qemu.expect_event(lambda f: f.get("event") == "ready")
+            try:
+                qemu.wait_event(ready, template.boot_timeout)
+            except (TimeoutError, EOFError) as exc:
+                why = "exited" if not qemu.alive() else f"was not ready within {template.boot_timeout:.0f}s"
+                raise BuildError(
+                    f"template {name}: guest agent {why}", console_tail=qemu.console_tail()
+                ) from exc
+            boot_s = time.monotonic() - t_boot
+            self.progress(f"vmfork: template agent ready after {boot_s:.1f}s")
+            agent = AgentClient(qemu.ctl_path)
+            agent.health(timeout=30)
+            for argv_w in template.warmup:
+                self.progress(f"vmfork: warm-up: {' '.join(argv_w)}")
+                res = agent.exec(list(argv_w), timeout=template.warmup_timeout)
+                if res.returncode != 0:
+                    raise BuildError(
+                        f"template warm-up command {list(argv_w)} exited with {res.returncode}; "
+                        f"fix the command in your Template.\nstdout: {res.stdout[-2000:]!r}\n"
+                        f"stderr: {res.stderr[-2000:]!r}"
+                    )
+            desc = agent.describe()
+            memory_bytes = template.memory_mib * 1024 * 1024
+            offsets = {m.name: ram_offset(m.guest_phys_addr, memory_bytes) for m in desc.mailboxes}
+            # Device state only: RAM stays in the shared file (x-ignore-shared).
+            qemu.cmd("stop")
+            qemu.cmd(
+                "migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True},
+                              {"capability": "events", "state": True}],
+            )
+            qemu.cmd("migrate", uri=f"exec:cat > {staging / 'state.bin'}")
+            qemu.wait_migration(timeout=120)
+        except VMForkError as exc:
+            if isinstance(exc, BuildError):
+                raise
+            raise BuildError(f"template {name}: {exc}", console_tail=qemu.console_tail()) from exc
+        finally:
+            if agent is not None:
+                agent.close()
+            qemu.quit()  # the template must never run again
+            shutil.rmtree(workdir, ignore_errors=True)
+        state = staging / "state.bin"
+        manifest: dict[str, Any] = {
+            "key": key,
+            "run_id": run.run_id,
+            "created": time.time(),
+            "machine": {
+                "kernel": str(machine.kernel),
+                "initrd": str(machine.initrd),
+                "rootfs": str(machine.rootfs),
+                "cmdline": machine.cmdline,
+                "memory_mib": machine.memory_mib,
+                "vcpus": machine.vcpus,
+                "accel": machine.accel,
+            },
+            "image_key": img.key,
+            "qemu": qemu_version(),
+            "agent_version": desc.agent_version,
+            "kernel_release": desc.kernel_release,
+            "nonce": desc.nonce.hex(),
+            "offsets": offsets,
+            "mailboxes": list(template.mailboxes),
+            "files": {
+                "state.bin": {"size": state.stat().st_size, "sha256": _sha256(state)},
+                "memory.ram": {"size": mem_path.stat().st_size},
+            },
+            "boot_s": round(boot_s, 3),
+            "build_s": round(time.monotonic() - t0, 3),
+        }
+        problems = verify_files(staging, manifest)
+        if problems:
+            raise BuildError(f"template {name}: snapshot failed verification: {'; '.join(problems)}")
+        return manifest
+
+
+def require_mailboxes(snapshot: Snapshot, names: list[str]) -> None:
+    """ConfigError naming the unknown mailbox and what the snapshot offers."""
+    for name in names:
+        if name not in snapshot.mailboxes:
+            offers = ", ".join(snapshot.mailboxes) or "(none; declare them with Template(mailboxes=[...]))"
+            raise ConfigError(f"unknown mailbox {name!r}; this snapshot offers: {offers}")

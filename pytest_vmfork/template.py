@@ -1,0 +1,132 @@
+"""Template: the recipe for the VM every fork starts from.
+
+A Template is pure data. Its fields split into what shapes the *image* (kernel,
+packages, files) and what shapes the *snapshot* (memory, vCPUs, mailboxes,
+warm-up); each key hashes exactly those, so changing a warm-up command retakes
+the snapshot without rebuilding the image, and a field that shapes neither
+(timeouts) rebuilds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+from . import mailbox as mbx
+from .errors import ConfigError
+from .image import ImageSpec
+
+FileContent = Union[bytes, str, Path]
+Command = Union[str, Sequence[str]]
+
+#: Bumped whenever the boot or snapshot procedure changes what a snapshot holds.
+SNAPSHOT_RECIPE = "2"
+
+
+@dataclass(frozen=True)
+class Template:
+    """What to boot once and snapshot.
+
+    ``files`` maps guest paths to content (bytes or str) or to a host Path to copy.
+    ``warmup`` commands run in the guest, in order, after the agent is healthy
+    and before the snapshot; a string runs under ``/bin/sh -c``. Each must exit 0.
+    ``mailboxes`` names the user mailboxes forks can receive payloads in.
+    """
+
+    memory_mib: int = 256
+    vcpus: int = 1
+    kernel_flavour: str = "amd64"
+    packages: Sequence[str] = ()
+    files: Mapping[str, FileContent] = field(default_factory=dict)
+    warmup: Sequence[Command] = ()
+    mailboxes: Sequence[str] = ()
+    boot_timeout: float = 600.0
+    warmup_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.memory_mib, int) or not 128 <= self.memory_mib <= 16384:
+            raise ConfigError(f"Template memory_mib={self.memory_mib!r}: use an integer from 128 to 16384")
+        if not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= 16:
+            raise ConfigError(f"Template vcpus={self.vcpus!r}: use an integer from 1 to 16")
+        if self.kernel_flavour not in ("amd64", "cloud-amd64"):
+            raise ConfigError(
+                f"Template kernel_flavour={self.kernel_flavour!r}: use 'amd64' (has VMGenID) or 'cloud-amd64'"
+            )
+        if isinstance(self.packages, str):
+            raise ConfigError("Template packages must be a list of Debian package names, not one string")
+        fix("packages", tuple(sorted(set(self.packages))))
+        for pkg in self.packages:
+            if not isinstance(pkg, str) or not pkg or pkg.startswith("-") or " " in pkg:
+                raise ConfigError(f"Template packages: {pkg!r} is not a Debian package name")
+        files: dict[str, bytes] = {}
+        for path, content in dict(self.files).items():
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ConfigError(f"Template files: guest path {path!r} must be absolute")
+            if isinstance(content, Path):
+                try:
+                    content = content.read_bytes()
+                except OSError as exc:
+                    raise ConfigError(f"Template files: cannot read {content} for {path}: {exc}") from exc
+            elif isinstance(content, str):
+                content = content.encode()
+            elif not isinstance(content, bytes):
+                raise ConfigError(f"Template files: content for {path} must be bytes, str or Path")
+            files[path] = content
+        fix("files", dict(sorted(files.items())))
+        commands: list[tuple[str, ...]] = []
+        for cmd in self.warmup:
+            argv = ("/bin/sh", "-c", cmd) if isinstance(cmd, str) else tuple(cmd)
+            if not argv or not all(isinstance(a, str) for a in argv):
+                raise ConfigError(f"Template warmup: {cmd!r} must be a shell string or a non-empty argv list")
+            commands.append(argv)
+        fix("warmup", tuple(commands))
+        if isinstance(self.mailboxes, str):
+            raise ConfigError("Template mailboxes must be a list of names, not one string")
+        names = tuple(self.mailboxes)
+        for name in names:
+            try:
+                mbx.validate_name(name)
+            except mbx.MailboxError as exc:
+                raise ConfigError(f"Template mailboxes: {exc}") from exc
+        if len(set(names)) != len(names):
+            raise ConfigError(f"Template mailboxes: duplicate names in {list(names)}")
+        if len(names) > mbx.MAX_MAILBOXES:
+            raise ConfigError(
+                f"Template mailboxes: {len(names)} declared, at most {mbx.MAX_MAILBOXES} per template"
+            )
+        fix("mailboxes", names)
+        for name in ("boot_timeout", "warmup_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 7200:
+                raise ConfigError(f"Template {name}={value!r}: use seconds between 0 and 7200")
+        try:
+            self.image_spec()
+        except ValueError as exc:
+            raise ConfigError(f"Template: {exc}") from exc
+
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(
+            kernel_flavour=self.kernel_flavour,
+            packages=tuple(self.packages),
+            files=tuple(self.files.items()),  # type: ignore[union-attr]
+        )
+
+    def snapshot_key(self, *, accel: str, qemu_version: str) -> str:
+        """Hash of everything that shapes the snapshot and nothing else."""
+        doc = {
+            "recipe": SNAPSHOT_RECIPE,
+            "image": self.image_spec().key(),
+            "memory_mib": self.memory_mib,
+            "vcpus": self.vcpus,
+            "warmup": [list(c) for c in self.warmup],
+            "mailboxes": list(self.mailboxes),
+            "accel": accel,
+            "qemu": qemu_version,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]

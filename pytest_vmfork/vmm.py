@@ -1,0 +1,474 @@
+"""The VMM backend: QEMU processes, their QMP monitor and event channel.
+
+This module knows how to start QEMU for a template boot or a fork restore and
+how to talk to it; it knows nothing of snapshots' caching or of pytest.
+
+Durable description (``MachineSpec``: what the VM is) is kept apart from the
+transient handle (``QemuProcess``: a PID, sockets, a console file).
+
+All QEMU sockets are *listened on by us* and connected to by QEMU at start-up
+(QMP, the event channel and the ctl channel), so there is no polling for a
+socket file to appear: the ``accept`` completes the moment QEMU is up.
+
+Because QEMU's ctl connection exists before the device state is loaded, the
+guest never sees the virtio-serial port's host side close or open across a
+restore. The gRPC client connects to ``ctl.sock``, a small proxy here that
+frames its bytes with a random session id onto QEMU's connection; the guest
+agent opens a fresh HTTP/2 session for every new id, so no session crosses a
+restore or a client reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import struct
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from qemu.qmp import QMPClient
+
+from . import _loop
+from .errors import ConfigError, RestoreError
+
+QEMU_BINARY = "qemu-system-x86_64"
+PORT_CTL = "org.vmfork.ctl"
+PORT_EVT = "org.vmfork.evt"
+DOORBELL = b"R"
+FRAME = struct.Struct("<II")  # ctl channel framing: session id, length (0 ends the session)
+CONSOLE_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that shapes the virtual hardware. Template and forks must agree."""
+
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    cmdline: str
+    memory_mib: int = 256
+    vcpus: int = 1
+    accel: str = "tcg"
+
+    def argv(
+        self,
+        *,
+        workdir: Path,
+        mem_path: Path,
+        shared: bool,
+        incoming: bool,
+        netdev: list[str],
+        mac: str,
+        name: str,
+    ) -> list[str]:
+        """The QEMU command line; identical device layout for template and forks."""
+        accel = "tcg,thread=multi" if self.accel == "tcg" and self.vcpus > 1 else self.accel
+        argv = [
+            QEMU_BINARY,
+            "-name", f"vmfork-{name},debug-threads=on",
+            "-machine", "q35,memory-backend=ram0,smm=off,vmport=off,hpet=off",
+            "-accel", accel,
+            "-cpu", "max",
+            "-smp", str(self.vcpus),
+            "-m", f"{self.memory_mib}M",
+            "-object",
+            f"memory-backend-file,id=ram0,size={self.memory_mib}M,mem-path={mem_path},"
+            f"share={'on' if shared else 'off'}",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-chardev", f"file,id=con,path={workdir / 'console.log'}",
+            "-serial", "chardev:con",
+            "-kernel", str(self.kernel),
+            "-initrd", str(self.initrd),
+            "-append", self.cmdline,
+            "-drive", f"file={self.rootfs},if=none,id=root,format=raw,readonly=on",
+            "-device", "virtio-blk-pci,drive=root",
+            "-device", "virtio-serial-pci,id=vser",
+            "-chardev", f"socket,id=ctl,path={workdir / 'ctl-qemu.sock'}",
+            "-device", f"virtserialport,chardev=ctl,name={PORT_CTL}",
+            "-chardev", f"socket,id=evt,path={workdir / 'evt.sock'}",
+            "-device", f"virtserialport,chardev=evt,name={PORT_EVT}",
+            "-device", "virtio-rng-pci",
+            "-device", f"vmgenid,guid={uuid.uuid4()}",
+            "-netdev", ",".join(["id=net0", *netdev]),
+            "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
+            "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'}",
+            "-mon", "chardev=qmp,mode=control",
+        ]
+        if incoming:
+            argv += ["-incoming", "defer", "-S"]
+        return argv
+
+
+def qemu_version() -> str:
+    """QEMU's version string, part of the snapshot key (device state format)."""
+    exe = shutil.which(QEMU_BINARY)
+    if exe is None:
+        raise ConfigError(
+            f"{QEMU_BINARY} not found: install Debian's qemu-system-x86 "
+            "(apt-get install qemu-system-x86) or run `make setup`"
+        )
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()[0].strip()
+
+
+def _process_start_time(pid: int) -> int:
+    """Kernel start time of ``pid`` in clock ticks: with the PID it names one process."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+@dataclass
+class QemuProcess:
+    """A running QEMU: the transient handles of one VM.
+
+    Created by :meth:`start`; always released by :meth:`kill` (idempotent).
+    """
+
+    name: str
+    workdir: Path
+    proc: subprocess.Popen[bytes]
+    qmp: QMPClient
+    start_time: int
+    evt_reader: asyncio.StreamReader
+    evt_writer: asyncio.StreamWriter
+    ctl_reader: asyncio.StreamReader
+    ctl_writer: asyncio.StreamWriter
+    lines: list[str] = field(default_factory=list)
+    _line_waiters: list[tuple[Callable[[dict[str, str]], bool], asyncio.Future[dict[str, str]]]] = field(
+        default_factory=list
+    )
+    _pump: asyncio.Task[None] | None = None
+    _tasks: list[asyncio.Future[None]] = field(default_factory=list)
+    _client: asyncio.StreamWriter | None = None
+    _sid: int = 0
+    _servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    killed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def ctl_path(self) -> Path:
+        return self.workdir / "ctl.sock"
+
+    @property
+    def console_path(self) -> Path:
+        return self.workdir / "console.log"
+
+    @classmethod
+    def start(cls, argv: list[str], workdir: Path, name: str, *, timeout: float = 20.0) -> "QemuProcess":
+        """Spawn QEMU and wait until it has connected its QMP and event sockets."""
+        return _loop.run(cls._start(argv, workdir, name), timeout=timeout + 5)
+
+    @classmethod
+    async def _start(cls, argv: list[str], workdir: Path, name: str, timeout: float = 20.0) -> "QemuProcess":
+        loop = asyncio.get_running_loop()
+        conns: dict[str, asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+        servers = []
+        for chan in ("evt", "ctl-qemu"):
+            conns[chan] = fut = loop.create_future()
+
+            async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter, fut: Any = fut) -> None:
+                if not fut.done():
+                    fut.set_result((r, w))
+                else:
+                    w.close()
+
+            servers.append(await asyncio.start_unix_server(on_conn, path=str(workdir / f"{chan}.sock")))
+        qmp = QMPClient(name)
+        await qmp.start_server(str(workdir / "qmp.sock"))
+        log = open(workdir / "qemu.stderr", "wb")
+        try:
+            # setpriv sets PR_SET_PDEATHSIG: QEMU dies with this (long-lived) thread,
+            # so a killed pytest worker cannot leave VMs behind.
+            proc = subprocess.Popen(
+                ["setpriv", "--pdeathsig", "KILL", "--", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        try:
+            accept = asyncio.ensure_future(qmp.accept())
+            deadline = time.monotonic() + timeout
+            while not accept.done():
+                # Wake on the accept at once; look at the process only to fail fast
+                # when QEMU exits on a bad command line instead of connecting.
+                await asyncio.wait({accept}, timeout=0.05)
+                if not accept.done() and (proc.poll() is not None or time.monotonic() > deadline):
+                    accept.cancel()
+                    why = f"exited with status {proc.returncode}" if proc.returncode is not None else (
+                        f"did not connect its QMP monitor within {timeout:.0f}s")
+                    raise RestoreError(
+                        f"QEMU for {name} {why}; its stderr:\n{_tail(workdir / 'qemu.stderr')}"
+                    )
+            accept.result()
+            reader, writer = await asyncio.wait_for(conns["evt"], timeout)
+            ctl_reader, ctl_writer = await asyncio.wait_for(conns["ctl-qemu"], timeout)
+        except BaseException:
+            _kill(proc)
+            for server in servers:
+                server.close()
+            await qmp.disconnect()
+            raise
+        self = cls(
+            name=name,
+            workdir=workdir,
+            proc=proc,
+            qmp=qmp,
+            start_time=_process_start_time(proc.pid),
+            evt_reader=reader,
+            evt_writer=writer,
+            ctl_reader=ctl_reader,
+            ctl_writer=ctl_writer,
+            _servers=servers,
+        )
+        self._pump = asyncio.ensure_future(self._pump_lines())
+        self._tasks.append(asyncio.ensure_future(self._pump_ctl()))
+        self._servers.append(await asyncio.start_unix_server(self._on_grpc, path=str(workdir / "ctl.sock")))
+        return self
+
+    async def _on_grpc(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        """Carry one gRPC client connection as a framed session over QEMU's ctl
+        connection. A new client replaces the old one; the guest agent opens a
+        fresh HTTP/2 session for every new session id (guest/agent.py Bridge)."""
+        if self._client is not None:
+            self._client.close()
+        sid = secrets.randbits(32) | 1
+        self._client, self._sid = w, sid
+        try:
+            while data := await r.read(65536):
+                self.ctl_writer.write(FRAME.pack(sid, len(data)) + data)
+                await self.ctl_writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if self._sid == sid:
+                self._client = None
+                try:
+                    self.ctl_writer.write(FRAME.pack(sid, 0))
+                except (ConnectionError, OSError, RuntimeError):
+                    pass
+            w.close()
+
+    async def _pump_ctl(self) -> None:
+        try:
+            while True:
+                sid, length = FRAME.unpack(await self.ctl_reader.readexactly(FRAME.size))
+                data = await self.ctl_reader.readexactly(length) if length else b""
+                client = self._client
+                if client is None or sid != self._sid:
+                    continue  # a session that ended: drop its late bytes
+                if data:
+                    client.write(data)
+                else:
+                    client.close()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if self._client is not None:
+                self._client.close()
+
+    async def _pump_lines(self) -> None:
+        """Dispatch ``vmfork-evt k=v ...`` lines from the guest to waiters."""
+        while True:
+            raw = await self.evt_reader.readline()
+            if not raw:
+                break
+            text = raw.decode("ascii", "replace").strip()
+            self.lines.append(text)
+            if not text.startswith("vmfork-evt "):
+                continue
+            fields = dict(tok.partition("=")[::2] for tok in text.split(" ")[1:] if "=" in tok)
+            for pred, fut in list(self._line_waiters):
+                if not fut.done() and pred(fields):
+                    fut.set_result(fields)
+        for _, fut in self._line_waiters:
+            if not fut.done():
+                fut.set_exception(EOFError("event channel closed: QEMU exited"))
+
+    def expect_event(self, pred: Callable[[dict[str, str]], bool]) -> asyncio.Future[dict[str, str]]:
+        """Register interest in a guest event *before* triggering it (no lost wake-ups)."""
+
+        async def register() -> asyncio.Future[dict[str, str]]:
+            fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+            self._line_waiters.append((pred, fut))
+            if self._pump is not None and self._pump.done():
+                fut.set_exception(EOFError("event channel closed: QEMU exited"))
+            return fut
+
+        return _loop.run(register())
+
+    def wait_event(self, fut: asyncio.Future[dict[str, str]], timeout: float) -> dict[str, str]:
+        """Wait for a registered event; TimeoutError after ``timeout`` seconds."""
+
+        async def wait() -> dict[str, str]:
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            finally:
+                if fut.done():
+                    self._line_waiters[:] = [w for w in self._line_waiters if w[1] is not fut]
+
+        return _loop.run(wait())
+
+    def ring_doorbell(self) -> None:
+        """Queue the resume doorbell; the guest reads it the moment it runs."""
+
+        async def ring() -> None:
+            self.evt_writer.write(DOORBELL)
+            await self.evt_writer.drain()
+
+        _loop.run(ring(), timeout=5)
+
+    def cmd(self, command: str, timeout: float = 30.0, **args: Any) -> Any:
+        """Execute one QMP command and return its result."""
+        return _loop.run(self.qmp.execute(command, args or None), timeout=timeout)
+
+    def wait_migration(self, timeout: float) -> None:
+        """Wait until an incoming or outgoing migration completes (MIGRATION events)."""
+
+        async def wait() -> None:
+            while True:
+                status = (await self.qmp.execute("query-migrate")).get("status")  # type: ignore[union-attr]
+                if status == "completed":
+                    return
+                if status in ("failed", "cancelled"):
+                    raise RestoreError(f"migration of {self.name} {status}: {await self._migrate_error()}")
+                try:
+                    event = await asyncio.wait_for(self.qmp.events.get(), 0.5)
+                except asyncio.TimeoutError:
+                    continue  # re-query: an event may have fired before we listened
+                if event["event"] != "MIGRATION":
+                    continue
+
+        _loop.run(wait(), timeout=timeout)
+
+    async def _migrate_error(self) -> str:
+        info = await self.qmp.execute("query-migrate")
+        return str(info.get("error-desc", info))  # type: ignore[union-attr]
+
+    def run_state(self) -> str:
+        return str(self.cmd("query-status")["status"])
+
+    def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
+        return _tail(self.console_path, lines)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def quit(self, timeout: float = 10.0) -> None:
+        """Ask QEMU to exit; falls back to SIGKILL after ``timeout``."""
+        try:
+            self.cmd("quit", timeout=timeout)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+    def kill(self) -> None:
+        """Kill QEMU and close our side of its channels. Never raises."""
+        if self.killed:
+            return
+        self.killed = True
+        _kill(self.proc)
+
+        async def close() -> None:
+            for server in self._servers:
+                server.close()
+            self.evt_writer.close()
+            self.ctl_writer.close()
+            if self._client is not None:
+                self._client.close()
+            for task in [self._pump, *self._tasks]:
+                if task is not None:
+                    task.cancel()
+            try:
+                await asyncio.wait_for(self.qmp.disconnect(), 2)
+            except Exception:
+                pass
+
+        try:
+            _loop.run(close(), timeout=5)
+        except Exception:
+            pass
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except OSError:
+        return "(no console output)"
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    return "\n".join(text.splitlines()[-lines:]) or "(no console output)"
+
+
+class ProcMem:
+    """Write into a running QEMU's private mapping of the RAM file.
+
+    Writing through /proc/<pid>/mem changes only that process's copy-on-write
+    pages: the snapshot's memory file, shared by every fork, never changes.
+    """
+
+    def __init__(self, pid: int, mem_path: Path) -> None:
+        self.pid = pid
+        self.base = self._mapping_start(pid, mem_path)
+
+    @staticmethod
+    def _mapping_start(pid: int, mem_path: Path) -> int:
+        target = str(mem_path)
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].strip() == target and parts[2] == "00000000":
+                    return int(parts[0].split("-")[0], 16)
+        raise RestoreError(f"QEMU pid {pid} has no mapping of {target}")
+
+    def write(self, writes: list[tuple[int, bytes]]) -> None:
+        fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR)
+        try:
+            for off, data in writes:
+                if os.pwrite(fd, data, self.base + off) != len(data):
+                    raise RestoreError(f"short write into QEMU pid {self.pid} memory")
+        finally:
+            os.close(fd)
+
+    def read(self, off: int, size: int) -> bytes:
+        fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY)
+        try:
+            return os.pread(fd, size, self.base + off)
+        finally:
+            os.close(fd)
+
+
+def monotonic_ms(since: float) -> float:
+    return round((time.monotonic() - since) * 1000, 2)
