@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs util-linux
+APT_PKGS := qemu-system-x86 qemu-utils busybox-static e2fsprogs util-linux lz4
 # xdist workers for the test run: VM tests fork in parallel on both cores.
 TEST_WORKERS ?= 2
 
