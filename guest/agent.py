@@ -276,8 +276,11 @@ class Agent(pb_grpc.AgentServicer):
         self.token = cfg.get("token", "")
         net = cfg.get("net")
         if net:
-            self.apply_network(net)
-            self.ack(net, mailbox=mbx.SYSTEM_MAILBOX, ip=net["ipv4"])
+            try:
+                self.apply_network(net)
+                self.ack(net, mailbox=mbx.SYSTEM_MAILBOX, ip=net["ipv4"])
+            except Exception as exc:  # no ack: the host falls back to ReconfigureNetwork
+                log(f"network handoff failed: {exc!r}")
         acks = cfg.get("acks", {})
         for mb in self.user.values():
             delivery = mb.take()

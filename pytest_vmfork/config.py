@@ -15,6 +15,7 @@ from typing import Any, Callable
 from .errors import ConfigError
 
 ACCELS = ("auto", "tcg", "kvm")
+NETWORKS = ("auto", "tap", "user", "none")
 
 
 def default_cache_dir() -> Path:
@@ -44,6 +45,20 @@ def _accel(value: Any) -> str:
     if text not in ACCELS:
         raise ConfigError(f"vmfork accel {value!r} is not one of {', '.join(ACCELS)}")
     return text
+
+
+def _network(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in NETWORKS:
+        raise ConfigError(f"vmfork network {value!r} is not one of {', '.join(NETWORKS)}")
+    return text
+
+
+def _pool(value: Any) -> str:
+    from .leases import parse_pool
+
+    parse_pool(str(value))  # ConfigError naming the problem
+    return str(value)
 
 
 def _seconds(name: str, upper: float) -> Callable[[Any], float]:
@@ -85,6 +100,16 @@ OPTIONS: tuple[Option, ...] = (
            _bool("vmfork_keep_failed"), lambda: False, flag_type="bool"),
     Option("vmfork_ready_timeout", "seconds a fork may take to signal readiness",
            _seconds("vmfork_ready_timeout", 600), lambda: 30.0),
+    Option("vmfork_network", "fork networking: auto (tap with CAP_NET_ADMIN, else user), tap (a TAP per fork "
+           "on a per-run bridge), user (QEMU user-mode, unprivileged) or none",
+           _network, lambda: "auto", env="VMFORK_NETWORK"),
+    Option("vmfork_subnet_pool", "IPv4 private networks the per-run /24 subnets are leased from "
+           "(comma-separated; subnets overlapping host routes are skipped)", _pool, lambda: "10.213.0.0/16"),
+    Option("vmfork_lease_dir", "root of the host-wide and per-run lease directories "
+           "(default /run/vmfork, else <tmp>/vmfork-<uid>/leases)",
+           lambda v: Path(str(v)).expanduser(), lambda: None),
+    Option("vmfork_handoff_timeout", "seconds to wait for the guest's network ack before the gRPC fallback",
+           _seconds("vmfork_handoff_timeout", 60), lambda: 2.0),
 )
 
 
@@ -95,6 +120,10 @@ class Settings:
     rebuild: bool = False
     keep_failed: bool = False
     ready_timeout: float = 30.0
+    network: str = "auto"
+    subnet_pool: str = "10.213.0.0/16"
+    lease_dir: Path | None = None
+    handoff_timeout: float = 2.0
 
     @classmethod
     def resolve(cls, getoption: Callable[[str], Any], getini: Callable[[str], Any]) -> "Settings":

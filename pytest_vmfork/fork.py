@@ -18,42 +18,85 @@ The restore sequence (every step bounded; the guest signals readiness):
 from __future__ import annotations
 
 import mmap
+import os
 import secrets
 import shutil
+import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 from . import mailbox as mbx
 from .agent import AgentClient, ExecResult
-from .errors import ConfigError, RestoreError, StateError
+from .errors import AckTimeout, ConfigError, HandoffError, RestoreError, StateError
+from .leases import ForkLease
+from .network import USER_NET, AckListener, RunNetwork, open_tap, tap_netdev, user_netdev
+from .proto import agent_pb2 as pb
 from .run import Run, write_handles
 from .snapshot import Snapshot, require_mailboxes
 from .vmm import ProcMem, QemuProcess
 
 DEFAULT_READY_TIMEOUT = 30.0
+DEFAULT_HANDOFF_TIMEOUT = 2.0  # the guest acks before it says ready: this only bounds a lost ack
+FALLBACK_TIMEOUT = 10.0
+MAX_ACK_TIMEOUT = 60.0
 FORK_MAC = "52:54:00:00:00:01"  # the device keeps the template's MAC until the guest changes it
+USER_GUEST_IP, USER_GATEWAY = "10.0.2.15", "10.0.2.2"  # QEMU user-mode defaults (USER_NET)
+
+#: ``network=`` for :func:`fork`: "none", "user" (QEMU user-mode, no privileges)
+#: or a RunNetwork that is up (a TAP on the run's bridge).
+Network = Union[str, RunNetwork, None]
 
 
-def prepare_mailboxes(snapshot: Snapshot, payloads: Mapping[str, Any] | None) -> dict[str, bytes]:
-    """Validate and encode user payloads before any VM is touched."""
+@dataclass(frozen=True)
+class MailboxPayload:
+    """A payload plus delivery options, for ``fork(mailboxes={name: MailboxPayload(...)})``.
+
+    With ``wait_for_ack`` the fork is ready only once the guest acknowledged the
+    payload over UDP (by default the agent acks on delivery; a template can
+    leave that to a guest program, see Template.guest_acked_mailboxes).
+    """
+
+    payload: Any
+    wait_for_ack: bool = False
+    ack_timeout: float = 2.0
+
+
+def prepare_mailboxes(
+    snapshot: Snapshot, payloads: Mapping[str, Any] | None
+) -> tuple[dict[str, bytes], dict[str, float]]:
+    """Validate and encode user payloads before any VM is touched.
+
+    Returns the encoded payloads and, for those that wait for an ack, the timeout.
+    """
     if not payloads:
-        return {}
+        return {}, {}
     if not isinstance(payloads, Mapping):
         raise ConfigError(f"mailboxes must be a dict of name -> JSON object, got {type(payloads).__name__}")
     if len(payloads) > mbx.MAX_MAILBOXES:
         raise ConfigError(
             f"{len(payloads)} mailboxes requested for one fork; at most {mbx.MAX_MAILBOXES} are allowed"
         )
-    encoded = {}
-    for name, payload in payloads.items():
+    encoded, acks = {}, {}
+    for name, value in payloads.items():
+        item = value if isinstance(value, MailboxPayload) else MailboxPayload(value)
         try:
             mbx.validate_name(name)
-            encoded[name] = mbx.encode_payload(payload, name=name)
+            encoded[name] = mbx.encode_payload(item.payload, name=name)
         except mbx.MailboxError as exc:
             raise ConfigError(str(exc)) from exc
+        if not isinstance(item.wait_for_ack, bool):
+            raise ConfigError(f"mailbox {name!r}: wait_for_ack must be True or False")
+        timeout = item.ack_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= MAX_ACK_TIMEOUT:
+            raise ConfigError(
+                f"mailbox {name!r}: ack_timeout={timeout!r} must be a number of seconds from 0 to {MAX_ACK_TIMEOUT:g}"
+            )
+        if item.wait_for_ack:
+            acks[name] = float(timeout)
     require_mailboxes(snapshot, list(encoded))
-    return encoded
+    return encoded, acks
 
 
 class VM:
@@ -67,8 +110,15 @@ class VM:
         self.generation = 0
         self.timings: dict[str, Any] = {}
         self.state = "starting"
+        self.ip: str | None = None
+        self.mac: str | None = None
+        self.token = secrets.token_hex(8)
         self._qemu: QemuProcess | None = None
         self._agent: AgentClient | None = None
+        self._network: Network = None
+        self._lease: ForkLease | None = None
+        self._acks: AckListener | None = None
+        self._forwards: dict[int, int] = {}
 
     # --- public API -----------------------------------------------------------
 
@@ -109,6 +159,26 @@ class VM:
         got = self._agent.read_mailbox(name)
         return json.loads(got.payload) if got.payload else None
 
+    def host_port(self, guest_port: int) -> int:
+        """A 127.0.0.1 port forwarded to ``guest_port`` (user-mode network only;
+        with a TAP network connect to ``vm.ip`` directly)."""
+        if self._network != "user":
+            raise ConfigError(f"host_port() is for --vmfork-network=user; connect to vm.ip ({self.ip}) instead")
+        if not isinstance(guest_port, int) or not 0 < guest_port < 65536:
+            raise ConfigError(f"guest_port={guest_port!r}: use a TCP port from 1 to 65535")
+        if guest_port not in self._forwards:
+            assert self._qemu is not None
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            out = self._qemu.cmd(
+                "human-monitor-command", **{"command-line": f"hostfwd_add net0 tcp:127.0.0.1:{port}-:{guest_port}"}
+            )
+            if out.strip():
+                raise RestoreError(f"fork {self.name}: forwarding port {guest_port} failed: {out.strip()}")
+            self._forwards[guest_port] = port
+        return self._forwards[guest_port]
+
     def console_tail(self, lines: int = 40) -> str:
         return self._qemu.console_tail(lines) if self._qemu else ""
 
@@ -124,7 +194,12 @@ class VM:
         if self._agent is not None:
             self._agent.close()
         if self._qemu is not None:
-            self._qemu.kill()
+            self._qemu.kill()  # the TAP goes with QEMU's fd
+        if self._acks is not None:
+            self._acks.close()
+        if self._lease is not None and isinstance(self._network, RunNetwork):
+            self._network.release(self._lease)  # only now: QEMU is gone
+            self._lease = None
         if not keep_files:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -139,22 +214,62 @@ class VM:
 
     # --- restore --------------------------------------------------------------
 
-    def _restore(self, user_payloads: dict[str, bytes], ready_timeout: float) -> None:
+    def _plumb(self, network: Network) -> tuple[list[str], tuple[int, ...], dict[str, Any] | None]:
+        """Host side of the fork's NIC: QEMU netdev options, fds to pass, the
+        handoff payload the guest applies on resume."""
+        self._network = network
+        if network is None or network == "none":
+            return ["type=hubport", "hubid=0"], (), None
+        if network == "user":
+            self._acks = AckListener("127.0.0.1")
+            self.ip, self.mac = "127.0.0.1", FORK_MAC
+            payload = {"interface": "eth0", "mac": FORK_MAC, "ipv4": USER_GUEST_IP, "prefix": 24,
+                       "gateway": USER_GATEWAY, "ack_host": USER_GATEWAY, "ack_port": self._acks.port}
+            return user_netdev(net=USER_NET), (), payload
+        if not isinstance(network, RunNetwork):
+            raise ConfigError(f"network={network!r}: use 'none', 'user' or a RunNetwork")
+        self._lease = lease = network.allocate(self.name)
+        self.ip, self.mac = lease.ipv4, lease.mac
+        self._acks = AckListener(network.gateway)
+        fd = open_tap(lease.tap, network.bridge)
+        payload = {"interface": "eth0", "mac": lease.mac, "ipv4": lease.ipv4, "prefix": lease.prefix,
+                   "gateway": lease.gateway, "ack_host": lease.gateway, "ack_port": self._acks.port}
+        return tap_netdev(fd), (fd,), payload
+
+    def _restore(
+        self,
+        user_payloads: dict[str, bytes],
+        acks: dict[str, float],
+        ready_timeout: float,
+        network: Network,
+        handoff_timeout: float,
+    ) -> None:
         t0 = time.monotonic()
         snap = self.snapshot
+        netdev, fds, net = self._plumb(network)
+        if acks and net is None:
+            raise ConfigError(
+                f"mailbox {next(iter(acks))!r} waits for an ack, but acks travel over UDP and this fork "
+                "has no network; use --vmfork-network=tap or user"
+            )
         argv = snap.machine.argv(
             workdir=self.dir,
             mem_path=snap.memory_path,
             shared=False,
             incoming=True,
-            netdev=["type=hubport", "hubid=0"],
+            netdev=netdev,
             mac=FORK_MAC,
             name=self.name,
         )
-        qemu = self._qemu = QemuProcess.start(argv, self.dir, self.name)
+        try:
+            qemu = self._qemu = QemuProcess.start(argv, self.dir, self.name, pass_fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)  # QEMU holds the TAP now; ours would keep it alive after QEMU
         write_handles(
             self.dir,
-            {"name": self.name, "pid": qemu.pid, "start_time": qemu.start_time, "run_id": self.run.run_id},
+            {"name": self.name, "pid": qemu.pid, "start_time": qemu.start_time, "run_id": self.run.run_id,
+             "tap": self._lease.tap if self._lease else None, "ip": self.ip},
         )
         self.timings["spawn_ms"] = _ms(t0)
         qemu.cmd("migrate-set-parameters", **{"announce-rounds": 0})
@@ -170,7 +285,14 @@ class VM:
         t_patch = time.monotonic()
         self.generation = secrets.randbits(52) | 1
         system = mbx.encode_payload(
-            {"gen": self.generation, "entropy": secrets.token_hex(32), "time_ns": time.time_ns()},
+            {
+                "gen": self.generation,
+                "token": self.token,
+                "entropy": secrets.token_hex(32),
+                "time_ns": time.time_ns(),
+                "net": net,
+                "acks": {name: "guest" if name in snap.guest_acked else "agent" for name in acks},
+            },
             name=mbx.SYSTEM_MAILBOX,
         )
         self._patch({mbx.SYSTEM_MAILBOX: system, **user_payloads})
@@ -181,6 +303,7 @@ class VM:
         )
         qemu.ring_doorbell()
         qemu.cmd("cont")
+        t_cont = time.monotonic()
         self.timings["resume_ms"] = _ms(t0)
         try:
             fields = qemu.wait_event(ready, ready_timeout)
@@ -192,9 +315,47 @@ class VM:
                 f"fork {self.name}: guest agent failed to resume: {fields}", console_tail=qemu.console_tail()
             )
         self.timings["guest_resume_ms"] = float(fields.get("resume_ms", "nan"))
-        self.timings["restore_to_healthy_ms"] = _ms(t0)
+        self.timings["guest_ready_ms"] = _ms(t0)
         self._agent = AgentClient(qemu.ctl_path)
+        if net is not None:
+            self._handoff(net, handoff_timeout, t_cont)
+        for name, timeout in acks.items():
+            t_ack = time.monotonic()
+            assert self._acks is not None
+            expect = {"stage": "applied", "mailbox": name, "gen": self.generation, "token": self.token}
+            if self._acks.wait(expect, self._ack_sender(net), timeout) is None:
+                raise AckTimeout(
+                    f"fork {self.name}: mailbox {name!r} was not acknowledged within {timeout:g}s "
+                    "(wait_for_ack=True)", console_tail=qemu.console_tail()
+                )
+            self.timings.setdefault("ack_ms", {})[name] = _ms(t_ack)
+        self.timings["restore_to_healthy_ms"] = _ms(t0)
         self.state = "running"
+
+    def _ack_sender(self, net: dict[str, Any] | None) -> str:
+        return "127.0.0.1" if self._network == "user" else str(net["ipv4"] if net else "")
+
+    def _handoff(self, net: dict[str, Any], timeout: float, t_cont: float) -> None:
+        """Confirm the guest applied its network: its UDP ack, else the gRPC fallback."""
+        assert self._acks is not None and self._agent is not None and self._qemu is not None
+        expect = {"stage": "applied", "mailbox": mbx.SYSTEM_MAILBOX, "gen": self.generation, "token": self.token}
+        if self._acks.wait(expect, self._ack_sender(net), timeout) is not None:
+            self.timings["handoff_path"] = "ack"
+            self.timings["handoff_ms"] = _ms(t_cont)
+            return
+        self.timings["handoff_path"] = "grpc-fallback"
+        config = pb.NetworkConfig(
+            interface=net["interface"], mac=net["mac"], ipv4=net["ipv4"], prefix=int(net["prefix"]),
+            gateway=net["gateway"], ack_port=int(net["ack_port"]), generation=self.generation,
+        )
+        try:
+            self._agent.reconfigure_network(config, timeout=FALLBACK_TIMEOUT)
+        except Exception as exc:
+            raise HandoffError(
+                f"fork {self.name}: network handoff failed: no ack within {timeout:g}s and the "
+                f"ReconfigureNetwork fallback failed: {exc}", console_tail=self._qemu.console_tail()
+            ) from exc
+        self.timings["handoff_ms"] = _ms(t_cont)
 
     def _patch(self, payloads: dict[str, bytes]) -> None:
         """Write every payload, after checking every target (all or nothing)."""
@@ -235,23 +396,27 @@ def fork(
     *,
     run: Run | None = None,
     mailboxes: Mapping[str, Any] | None = None,
+    network: Network = None,
     ready_timeout: float = DEFAULT_READY_TIMEOUT,
+    handoff_timeout: float = DEFAULT_HANDOFF_TIMEOUT,
 ) -> VM:
     """Restore a new VM from ``snapshot`` and return it once the guest is ready.
 
-    The returned VM must be closed (``with fork(snap) as vm: ...``). On any
-    failure the half-started fork is torn down before the error propagates.
+    ``mailboxes`` maps names the snapshot offers to JSON objects (or
+    MailboxPayload). ``network`` is "none" (default), "user" or a RunNetwork
+    that is up. The returned VM must be closed (``with fork(snap) as vm: ...``);
+    on any failure the half-started fork is torn down before the error propagates.
     """
-    if not isinstance(ready_timeout, (int, float)) or not 0 < ready_timeout <= 600:
-        raise ConfigError(f"ready_timeout={ready_timeout!r}: use seconds between 0 and 600")
-    payloads = prepare_mailboxes(snapshot, mailboxes)
+    for name, value, upper in (("ready_timeout", ready_timeout, 600), ("handoff_timeout", handoff_timeout, 60)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
+            raise ConfigError(f"{name}={value!r}: use seconds greater than 0 and at most {upper}")
+    payloads, acks = prepare_mailboxes(snapshot, mailboxes)
     run = run or Run()
     name, workdir = run.new_vm_dir("f")
     vm = VM(name, snapshot, run, workdir)
     try:
-        vm._restore(payloads, ready_timeout)
+        vm._restore(payloads, acks, ready_timeout, network, handoff_timeout)
     except BaseException:
-        vm.state = "failed"
         console = vm.console_tail()
         vm.close()
         vm.state = "failed"

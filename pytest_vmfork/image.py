@@ -34,7 +34,7 @@ from .errors import ImageBuildError
 
 #: Bump whenever this module changes what it puts into an image (the module's own
 #: bytes are deliberately not hashed, so comment edits do not force rebuilds).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: Kernel command line for booting an :class:`Image` under QEMU/TCG. ``panic=-1`` with
 #: QEMU's ``-no-reboot`` turns a guest panic into a QEMU exit. The rest was measured to
@@ -609,6 +609,7 @@ def _install_vmfork(root: Path) -> None:
     opt, src = root / "opt/vmfork", SOURCE_ROOT / "pytest_vmfork"
     if (SOURCE_ROOT / "guest/agent.py").is_file():
         _write(opt / "agent.py", (SOURCE_ROOT / "guest/agent.py").read_bytes())
+    _write(root / "usr/local/bin/vmfork-ack", (SOURCE_ROOT / "guest/vmfork-ack").read_bytes(), 0o755)
     _write(opt / "pytest_vmfork/__init__.py", b"")  # not the host's: that one imports the plugin
     if (src / "mailbox.py").is_file():
         _write(opt / "pytest_vmfork/mailbox.py", (src / "mailbox.py").read_bytes())

@@ -409,25 +409,37 @@ class AckListener:
         self.sock.setblocking(False)
         self.host, self.port = self.sock.getsockname()[:2]
         self.ignored: list[tuple[str, bytes]] = []  # (sender, datagram) that did not count
+        # Well-formed acks that matched no wait yet, with their sender: a fork acks its
+        # network and its mailboxes on one port, in any order.
+        self.pending: list[tuple[Any, dict[str, str]]] = []
 
     def wait(self, expect: Mapping[str, str], sender_ip: str, timeout: float) -> dict[str, str] | None:
         """The first ack from ``sender_ip`` whose fields include all of ``expect``
-        exactly; None after ``timeout`` seconds."""
+        exactly; None after ``timeout`` seconds. Valid acks from the sender that
+        match another expectation are kept for a later ``wait`` (a fork acks its
+        network and its mailboxes on one port, in any order)."""
         want = {k: str(v) for k, v in expect.items()}
         sender = ipaddress.ip_address(sender_ip)
         deadline = time.monotonic() + timeout
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
+        for held in self.pending:
+            if held[0] == sender and all(held[1].get(k) == v for k, v in want.items()):
+                self.pending.remove(held)
+                return held[1]
         while True:
             while True:  # drain everything queued
                 try:
                     data, addr = self.sock.recvfrom(4096)
                 except BlockingIOError:
                     break
-                fields = parse_ack(data) if ipaddress.ip_address(addr[0]) == sender else None
-                if fields is not None and all(fields.get(k) == v for k, v in want.items()):
+                source = ipaddress.ip_address(addr[0])
+                fields = parse_ack(data)
+                if fields is not None and source == sender and all(fields.get(k) == v for k, v in want.items()):
                     return fields
-                if len(self.ignored) < 64:
+                if fields is not None and len(self.pending) < 64:
+                    self.pending.append((source, fields))
+                elif len(self.ignored) < 64:
                     self.ignored.append((addr[0], data[:256]))
             left = deadline - time.monotonic()
             if left <= 0:

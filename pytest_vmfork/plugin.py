@@ -16,7 +16,8 @@ import pytest
 from .accel import resolve_accel
 from .config import OPTIONS, Settings
 from .errors import ConfigError
-from .fork import VM, fork
+from .fork import VM, MailboxPayload, Network, fork
+from .network import RunNetwork, has_net_admin
 from .run import Run, base_dir
 from .snapshot import Snapshot, SnapshotStore
 from .template import Template
@@ -70,6 +71,31 @@ class VMForkSession:
         self.restore_ms: list[float] = []
         self.forks = 0
         self.live: set[VM] = set()
+        self.handoff_paths: dict[str, int] = {}
+        self._network: Network = None
+        self._run_network: RunNetwork | None = None
+
+    def network(self) -> Network:
+        """The forks' network mode, resolved (and a TAP run network brought up) once."""
+        if self._network is None:
+            mode = self.settings.network
+            if mode == "auto":
+                mode = "tap" if has_net_admin() else "user"
+                if mode == "user":
+                    self.progress(
+                        "vmfork: no CAP_NET_ADMIN: forks use QEMU user-mode networking (outbound "
+                        "only; reach a guest port with vm.host_port(port); forks cannot reach each other)"
+                    )
+            if mode == "tap":
+                self._run_network = RunNetwork(
+                    self.run.run_id, pool=self.settings.subnet_pool, lease_root=self.settings.lease_dir
+                ).up()
+                for stale in self._run_network.reclaimed:
+                    self.progress(f"vmfork: reclaimed stale network lease {stale.subnet} of run {stale.run_id}")
+                self._network = self._run_network
+            else:
+                self._network = mode
+        return self._network
 
     def progress(self, message: str) -> None:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -91,9 +117,19 @@ class VMForkSession:
         return snap
 
     def fork(self, snapshot: Snapshot, mailboxes: dict[str, Any] | None = None) -> VM:
-        vm = fork(snapshot, run=self.run, mailboxes=mailboxes, ready_timeout=self.settings.ready_timeout)
+        vm = fork(
+            snapshot,
+            run=self.run,
+            mailboxes=mailboxes,
+            network=self.network(),
+            ready_timeout=self.settings.ready_timeout,
+            handoff_timeout=self.settings.handoff_timeout,
+        )
         self.forks += 1
         self.restore_ms.append(vm.timings["restore_to_healthy_ms"])
+        path = vm.timings.get("handoff_path")
+        if path:
+            self.handoff_paths[path] = self.handoff_paths.get(path, 0) + 1
         self.live.add(vm)
         return vm
 
@@ -116,6 +152,8 @@ class VMForkSession:
         for vm in list(self.live):
             vm.close()
         self.live.clear()
+        if self._run_network is not None:
+            self._run_network.down()  # the last xdist worker of the run deletes the bridge
         if not hasattr(self.config, "workerinput") or not any(self.run.dir.iterdir()):
             self.run.remove()
 
@@ -123,6 +161,7 @@ class VMForkSession:
         return {
             "forks": self.forks,
             "restore_ms": self.restore_ms,
+            "handoff_paths": self.handoff_paths,
             "snapshots": [
                 {"key": s.key, "cache_hit": s.cache_hit, "build_s": s.build_s, "boot_s": s.boot_s}
                 for s in self.snapshots
@@ -197,12 +236,18 @@ def _marker_payloads(node: pytest.Item) -> dict[str, Any] | None:
     for mark in reversed(list(node.iter_markers("vmfork_mailbox"))):
         if len(mark.args) != 2:
             raise ConfigError(
-                f"@pytest.mark.vmfork_mailbox takes (name, payload), got {len(mark.args)} positional arguments"
+                f"@pytest.mark.vmfork_mailbox takes (name, payload, *, wait_for_ack=False, ack_timeout=2.0), "
+                f"got {len(mark.args)} positional arguments"
+            )
+        unknown = set(mark.kwargs) - {"wait_for_ack", "ack_timeout"}
+        if unknown:
+            raise ConfigError(
+                f"@pytest.mark.vmfork_mailbox: unknown keyword {sorted(unknown)}; use wait_for_ack and ack_timeout"
             )
         name, payload = mark.args
         if name in payloads:
             raise ConfigError(f"@pytest.mark.vmfork_mailbox: mailbox {name!r} is given twice")
-        payloads[name] = payload
+        payloads[name] = MailboxPayload(payload, **mark.kwargs)
     return payloads or None
 
 
@@ -234,12 +279,14 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         stats["forks"] += worker["forks"]
         stats["restore_ms"] += worker["restore_ms"]
         stats["snapshots"] += worker["snapshots"]
+        for path, n in worker.get("handoff_paths", {}).items():
+            stats["handoff_paths"][path] = stats["handoff_paths"].get(path, 0) + n
     if not stats["forks"] and not stats["snapshots"]:
         return
     write = terminalreporter.write_line
     terminalreporter.section("vmfork summary")
     seen = set()
-    for snap in stats["snapshots"]:
+    for snap in sorted(stats["snapshots"], key=lambda s: s["cache_hit"]):  # a build beats a hit
         if snap["key"] in seen:
             continue
         seen.add(snap["key"])
@@ -252,6 +299,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         p50 = statistics.median(ms)
         p95 = ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
         write(f"forks: {len(ms)}  restore-to-healthy p50 {p50:.0f} ms  p95 {p95:.0f} ms  max {ms[-1]:.0f} ms")
+        paths = stats["handoff_paths"]
+        if paths:
+            fallback = paths.get("grpc-fallback", 0)
+            write(f"network handoff: {paths.get('ack', 0)} by guest ack, {fallback} by gRPC fallback"
+                  + ("  <-- the guest's UDP ack did not arrive in time; see vm.timings" if fallback else ""))
         boot = [s["boot_s"] for s in stats["snapshots"] if s["boot_s"]]
         if boot:
             write(f"cold boot / fork restore (p50): {max(boot) * 1000 / p50:.0f}x")

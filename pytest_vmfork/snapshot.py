@@ -52,6 +52,7 @@ class Snapshot:
     nonce: bytes
     offsets: dict[str, int]  # mailbox name -> offset in memory.ram (system one included)
     mailboxes: tuple[str, ...]  # the user mailboxes this snapshot offers
+    guest_acked: tuple[str, ...]  # mailboxes a guest program acks (vmfork-ack), not the agent
     manifest: dict[str, Any]
     cache_hit: bool = False
     build_s: float = 0.0
@@ -92,6 +93,7 @@ class Snapshot:
             nonce=bytes.fromhex(manifest["nonce"]),
             offsets={k: int(v) for k, v in manifest["offsets"].items()},
             mailboxes=tuple(manifest["mailboxes"]),
+            guest_acked=tuple(manifest.get("guest_acked", ())),
             manifest=manifest,
             cache_hit=cache_hit,
             build_s=float(manifest.get("build_s", 0.0)),
@@ -301,6 +303,7 @@ class SnapshotStore:
             "nonce": desc.nonce.hex(),
             "offsets": offsets,
             "mailboxes": list(template.mailboxes),
+            "guest_acked": list(template.guest_acked_mailboxes),
             "files": {
                 "state.bin": {"size": state.stat().st_size, "sha256": _sha256(state)},
                 "memory.ram": {"size": mem_path.stat().st_size},

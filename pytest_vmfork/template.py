@@ -34,6 +34,9 @@ class Template:
     ``warmup`` commands run in the guest, in order, after the agent is healthy
     and before the snapshot; a string runs under ``/bin/sh -c``. Each must exit 0.
     ``mailboxes`` names the user mailboxes forks can receive payloads in.
+    ``guest_acked_mailboxes`` (a subset) are acknowledged by a guest program
+    running ``vmfork-ack NAME`` after it applied the payload, not by the agent
+    on delivery.
     """
 
     memory_mib: int = 256
@@ -43,6 +46,7 @@ class Template:
     files: Mapping[str, FileContent] = field(default_factory=dict)
     warmup: Sequence[Command] = ()
     mailboxes: Sequence[str] = ()
+    guest_acked_mailboxes: Sequence[str] = ()
     boot_timeout: float = 600.0
     warmup_timeout: float = 600.0
 
@@ -101,6 +105,13 @@ class Template:
                 f"Template mailboxes: {len(names)} declared, at most {mbx.MAX_MAILBOXES} per template"
             )
         fix("mailboxes", names)
+        if isinstance(self.guest_acked_mailboxes, str):
+            raise ConfigError("Template guest_acked_mailboxes must be a list of names, not one string")
+        acked = tuple(self.guest_acked_mailboxes)
+        unknown = [n for n in acked if n not in names]
+        if unknown:
+            raise ConfigError(f"Template guest_acked_mailboxes: {unknown} are not in mailboxes {list(names)}")
+        fix("guest_acked_mailboxes", acked)
         for name in ("boot_timeout", "warmup_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 7200:
@@ -126,6 +137,7 @@ class Template:
             "vcpus": self.vcpus,
             "warmup": [list(c) for c in self.warmup],
             "mailboxes": list(self.mailboxes),
+            "guest_acked": list(self.guest_acked_mailboxes),
             "accel": accel,
             "qemu": qemu_version,
         }

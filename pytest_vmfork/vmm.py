@@ -166,12 +166,17 @@ class QemuProcess:
         return self.workdir / "console.log"
 
     @classmethod
-    def start(cls, argv: list[str], workdir: Path, name: str, *, timeout: float = 20.0) -> "QemuProcess":
-        """Spawn QEMU and wait until it has connected its QMP and event sockets."""
-        return _loop.run(cls._start(argv, workdir, name), timeout=timeout + 5)
+    def start(
+        cls, argv: list[str], workdir: Path, name: str, *, timeout: float = 20.0, pass_fds: tuple[int, ...] = ()
+    ) -> "QemuProcess":
+        """Spawn QEMU and wait until it has connected its QMP and event sockets.
+        ``pass_fds`` are inherited by QEMU (a TAP fd); the caller closes its copies."""
+        return _loop.run(cls._start(argv, workdir, name, timeout, pass_fds), timeout=timeout + 5)
 
     @classmethod
-    async def _start(cls, argv: list[str], workdir: Path, name: str, timeout: float = 20.0) -> "QemuProcess":
+    async def _start(
+        cls, argv: list[str], workdir: Path, name: str, timeout: float, pass_fds: tuple[int, ...]
+    ) -> "QemuProcess":
         loop = asyncio.get_running_loop()
         conns: dict[str, asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
         servers = []
@@ -198,6 +203,7 @@ class QemuProcess:
                 stderr=subprocess.STDOUT,
                 cwd=workdir,
                 start_new_session=True,
+                pass_fds=pass_fds,
             )
         finally:
             log.close()
