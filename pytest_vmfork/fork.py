@@ -339,8 +339,10 @@ class VM:
         """Confirm the guest applied its network: its UDP ack, else the gRPC fallback."""
         assert self._acks is not None and self._agent is not None and self._qemu is not None
         expect = {"stage": "applied", "mailbox": mbx.SYSTEM_MAILBOX, "gen": self.generation, "token": self.token}
-        if self._acks.wait(expect, self._ack_sender(net), timeout) is not None:
+        got = self._acks.wait(expect, self._ack_sender(net), timeout)
+        if got is not None:
             self.timings["handoff_path"] = "ack"
+            self.timings["guest_apply"] = got.get("path", "?")  # fast (pre-built netlink) or pyroute2
             self.timings["handoff_ms"] = _ms(t_cont)
             return
         self.timings["handoff_path"] = "grpc-fallback"

@@ -451,7 +451,7 @@ class ProcMem:
 
     @staticmethod
     def _mapping_start(pid: int, mem_path: Path) -> int:
-        target = str(mem_path)
+        target = os.path.realpath(mem_path)  # maps shows the resolved path
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 parts = line.split(maxsplit=5)
