@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .leases import boot_id, process_start_time
+
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
 
@@ -45,8 +47,9 @@ class Run:
             self.root = base_dir()
         self.dir.mkdir(parents=True, exist_ok=True)
         owner = self.dir / "owner.json"
-        if not owner.exists():
-            owner.write_text(json.dumps({"pid": os.getpid(), "run_id": self.run_id}))
+        if not owner.exists():  # the first process of the run (the xdist controller) owns it
+            write_json(owner, {"pid": os.getpid(), "start_time": process_start_time(os.getpid()),
+                               "boot_id": boot_id(), "run_id": self.run_id})
 
     @property
     def dir(self) -> Path:
@@ -66,8 +69,15 @@ class Run:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 def write_handles(vm_dir: Path, handles: dict[str, Any]) -> None:
-    """Record a VM's transient handles atomically (read by cleanup of dead runs)."""
-    tmp = vm_dir / "handles.json.tmp"
-    tmp.write_text(json.dumps(handles))
-    os.replace(tmp, vm_dir / "handles.json")
+    """Record a VM's transient handles atomically, with the process that owns
+    the VM, so another process can clean up after a run or worker that died."""
+    me = os.getpid()
+    write_json(vm_dir / "handles.json", {"owner_pid": me, "owner_start_time": process_start_time(me),
+                                         "boot_id": boot_id(), **handles})

@@ -37,6 +37,7 @@ from qemu.qmp import QMPClient
 
 from . import _loop
 from .errors import ConfigError, RestoreError
+from .leases import process_start_time
 
 QEMU_BINARY = "qemu-system-x86_64"
 PORT_CTL = "org.vmfork.ctl"
@@ -117,13 +118,6 @@ def qemu_version() -> str:
         )
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
     return out.stdout.splitlines()[0].strip()
-
-
-def _process_start_time(pid: int) -> int:
-    """Kernel start time of ``pid`` in clock ticks: with the PID it names one process."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
 
 
 @dataclass
@@ -235,7 +229,7 @@ class QemuProcess:
             workdir=workdir,
             proc=proc,
             qmp=qmp,
-            start_time=_process_start_time(proc.pid),
+            start_time=process_start_time(proc.pid),
             evt_reader=reader,
             evt_writer=writer,
             ctl_reader=ctl_reader,
