@@ -159,6 +159,36 @@ class VM:
         got = self._agent.read_mailbox(name)
         return json.loads(got.payload) if got.payload else None
 
+    def deliver(self, mailboxes: Mapping[str, Any], *, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
+        """Deliver new payloads to this running fork: a second resume of the same memory.
+
+        The vCPUs are stopped, the payloads written like at fork time, and the
+        guest resumes and republishes them; returns once it signalled readiness.
+        """
+        if self.state != "running":
+            raise StateError("deliver", self.state, "running")
+        payloads, acks = prepare_mailboxes(self.snapshot, mailboxes)
+        if acks:
+            raise ConfigError("deliver() does not wait for acks; poll the guest instead")
+        assert self._qemu is not None
+        t0 = time.monotonic()
+        self._qemu.cmd("stop")
+        self.generation = secrets.randbits(52) | 1
+        self._patch({mbx.SYSTEM_MAILBOX: self._system_payload(None, {}), **payloads})
+        ready = self._qemu.expect_event(
+            lambda f: f.get("event") in ("ready", "error") and f.get("gen") in (str(self.generation), None)
+        )
+        self._qemu.ring_doorbell()
+        self._qemu.cmd("cont")
+        try:
+            fields = self._qemu.wait_event(ready, timeout)
+        except (TimeoutError, EOFError) as exc:
+            raise RestoreError(f"fork {self.name}: no readiness signal within {timeout}s after deliver()",
+                               console_tail=self.console_tail()) from exc
+        if fields.get("event") == "error":
+            raise RestoreError(f"fork {self.name}: guest agent failed to take the delivery: {fields}")
+        self.timings["deliver_ms"] = _ms(t0)
+
     def host_port(self, guest_port: int) -> int:
         """A 127.0.0.1 port forwarded to ``guest_port`` (user-mode network only;
         with a TAP network connect to ``vm.ip`` directly)."""
@@ -284,18 +314,7 @@ class VM:
 
         t_patch = time.monotonic()
         self.generation = secrets.randbits(52) | 1
-        system = mbx.encode_payload(
-            {
-                "gen": self.generation,
-                "token": self.token,
-                "entropy": secrets.token_hex(32),
-                "time_ns": time.time_ns(),
-                "net": net,
-                "acks": {name: "guest" if name in snap.guest_acked else "agent" for name in acks},
-            },
-            name=mbx.SYSTEM_MAILBOX,
-        )
-        self._patch({mbx.SYSTEM_MAILBOX: system, **user_payloads})
+        self._patch({mbx.SYSTEM_MAILBOX: self._system_payload(net, acks), **user_payloads})
         self.timings["patch_ms"] = _ms(t_patch)
 
         ready = qemu.expect_event(
@@ -358,6 +377,20 @@ class VM:
                 f"ReconfigureNetwork fallback failed: {exc}", console_tail=self._qemu.console_tail()
             ) from exc
         self.timings["handoff_ms"] = _ms(t_cont)
+
+    def _system_payload(self, net: dict[str, Any] | None, acks: dict[str, float]) -> bytes:
+        """The built-in mailbox: generation, ack token, fresh entropy, the clock, the network."""
+        return mbx.encode_payload(
+            {
+                "gen": self.generation,
+                "token": self.token,
+                "entropy": secrets.token_hex(32),
+                "time_ns": time.time_ns(),
+                "net": net,
+                "acks": {name: "guest" if name in self.snapshot.guest_acked else "agent" for name in acks},
+            },
+            name=mbx.SYSTEM_MAILBOX,
+        )
 
     def _patch(self, payloads: dict[str, bytes]) -> None:
         """Write every payload, after checking every target (all or nothing)."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import statistics
+import threading
 from typing import Any, Iterator
 
 import pytest
@@ -52,6 +54,26 @@ def pytest_configure(config: pytest.Config) -> None:
     else:
         run = Run(run_id=os.environ.get("PYTEST_XDIST_TESTRUNUID") or Run().run_id)
     config.stash[SESSION_KEY] = VMForkSession(config, settings, run)
+    _install_signal_handlers(config)
+
+
+def _install_signal_handlers(config: pytest.Config) -> None:
+    """SIGTERM and SIGHUP end the run the way Ctrl-C does, so fixture teardown
+    (VMs, TAPs, the run's bridge and leases) runs instead of the process just
+    vanishing. QEMU would die anyway (PR_SET_PDEATHSIG); the rest would not."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"vmfork: received {signal.Signals(signum).name}, tearing down")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    config.add_cleanup(restore)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -151,3 +151,15 @@ def test_a_wrong_recorded_offset_falls_back_to_a_scan_and_says_so(vmfork_snapsho
             assert read_payload(machine, "app-config") == {"found": "by scan"}
     finally:
         run.remove()
+
+
+def test_a_second_resume_of_the_same_memory_delivers_again(vm_factory):
+    vm = vm_factory(mailboxes={"app-config": {"round": 1}})
+    first_gen = vm.generation
+    vm.deliver({"app-config": {"round": 2}, "scenario": {"late": True}})
+    assert vm.generation != first_gen
+    assert read_payload(vm, "app-config") == {"round": 2}
+    assert read_payload(vm, "scenario") == {"late": True}
+    vm.deliver({"app-config": {"round": 3}})
+    assert vm.read_mailbox("app-config") == {"round": 3}
+    assert vm.exec(["true"]).returncode == 0  # control channel survives each resume

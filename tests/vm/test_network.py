@@ -246,7 +246,7 @@ def private_net(tmp_path: Path) -> Iterator[tuple[nw.RunNetwork, Run]]:
     """A run network of its own (own run id, own lease root, own pool), so its
     bridge can be tampered with without disturbing the session's forks."""
     run = Run(run_id=f"nettest-{secrets.token_hex(4)}")
-    net = nw.RunNetwork(run.run_id, pool="10.216.16.0/22", lease_root=tmp_path / "leases").up()
+    net = nw.RunNetwork(run.run_id, pool="10.216.32.0/22", lease_root=tmp_path / "leases").up()
     bridge = net.bridge
     try:
         yield net, run
