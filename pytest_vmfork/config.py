@@ -61,6 +61,19 @@ def _pool(value: Any) -> str:
     return str(value)
 
 
+def _count(name: str, upper: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            number = int(str(value))
+        except ValueError:
+            raise ConfigError(f"{name}={value!r}: use a whole number from 0 to {upper}") from None
+        if not 0 <= number <= upper:
+            raise ConfigError(f"{name}={value!r}: use a whole number from 0 to {upper}")
+        return number
+
+    return parse
+
+
 def _seconds(name: str, upper: float) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
         try:
@@ -108,6 +121,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("vmfork_lease_dir", "root of the host-wide and per-run lease directories "
            "(default /run/vmfork, else <tmp>/vmfork-<uid>/leases)",
            lambda v: Path(str(v)).expanduser(), lambda: None),
+    Option("vmfork_pool_size", "forks kept started ahead (QEMU spawned, device state loaded) per "
+           "process, so a fork request only patches and resumes; 0 disables", _count("vmfork_pool_size", 8),
+           lambda: 1),
     Option("vmfork_handoff_timeout", "seconds to wait for the guest's network ack before the gRPC fallback",
            _seconds("vmfork_handoff_timeout", 60), lambda: 2.0),
 )
@@ -124,6 +140,7 @@ class Settings:
     subnet_pool: str = "10.213.0.0/16"
     lease_dir: Path | None = None
     handoff_timeout: float = 2.0
+    pool_size: int = 1
 
     @classmethod
     def resolve(cls, getoption: Callable[[str], Any], getini: Callable[[str], Any]) -> "Settings":

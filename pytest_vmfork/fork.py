@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,7 @@ class VM:
         self._qemu: QemuProcess | None = None
         self._agent: AgentClient | None = None
         self._network: Network = None
+        self._net: dict[str, Any] | None = None
         self._lease: ForkLease | None = None
         self._acks: AckListener | None = None
         self._forwards: dict[int, int] = {}
@@ -266,22 +268,14 @@ class VM:
                    "gateway": lease.gateway, "ack_host": lease.gateway, "ack_port": self._acks.port}
         return tap_netdev(fd), (fd,), payload
 
-    def _restore(
-        self,
-        user_payloads: dict[str, bytes],
-        acks: dict[str, float],
-        ready_timeout: float,
-        network: Network,
-        handoff_timeout: float,
-    ) -> None:
+    def _prepare(self, network: Network) -> None:
+        """Everything before the per-fork data: NIC plumbing, spawn, device state.
+
+        A warm pool runs this ahead of time; the fork request then starts at
+        :meth:`_resume`."""
         t0 = time.monotonic()
         snap = self.snapshot
-        netdev, fds, net = self._plumb(network)
-        if acks and net is None:
-            raise ConfigError(
-                f"mailbox {next(iter(acks))!r} waits for an ack, but acks travel over UDP and this fork "
-                "has no network; use --vmfork-network=tap or user"
-            )
+        netdev, fds, self._net = self._plumb(network)
         argv = snap.machine.argv(
             workdir=self.dir,
             mem_path=snap.memory_path,
@@ -311,7 +305,19 @@ class VM:
         qemu.cmd("migrate-incoming", uri=f"exec:cat {snap.state_path}")
         qemu.wait_migration(timeout=30)
         self.timings["load_ms"] = _ms(t0)
+        self.state = "loaded"
 
+    def _resume(
+        self,
+        t0: float,
+        user_payloads: dict[str, bytes],
+        acks: dict[str, float],
+        ready_timeout: float,
+        handoff_timeout: float,
+    ) -> None:
+        """Patch this fork's data in, resume it, wait for the guest's signals."""
+        qemu, net = self._qemu, self._net
+        assert qemu is not None
         t_patch = time.monotonic()
         self.generation = secrets.randbits(52) | 1
         self._patch({mbx.SYSTEM_MAILBOX: self._system_payload(net, acks), **user_payloads})
@@ -434,23 +440,38 @@ def fork(
     network: Network = None,
     ready_timeout: float = DEFAULT_READY_TIMEOUT,
     handoff_timeout: float = DEFAULT_HANDOFF_TIMEOUT,
+    pool: "WarmPool | None" = None,
 ) -> VM:
     """Restore a new VM from ``snapshot`` and return it once the guest is ready.
 
     ``mailboxes`` maps names the snapshot offers to JSON objects (or
     MailboxPayload). ``network`` is "none" (default), "user" or a RunNetwork
-    that is up. The returned VM must be closed (``with fork(snap) as vm: ...``);
-    on any failure the half-started fork is torn down before the error propagates.
+    that is up. With a ``pool`` (a WarmPool of this snapshot and network) the
+    fork starts from a QEMU that already loaded the device state. The returned
+    VM must be closed (``with fork(snap) as vm: ...``); on any failure the
+    half-started fork is torn down before the error propagates.
     """
+    t0 = time.monotonic()
     for name, value, upper in (("ready_timeout", ready_timeout, 600), ("handoff_timeout", handoff_timeout, 60)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
             raise ConfigError(f"{name}={value!r}: use seconds greater than 0 and at most {upper}")
     payloads, acks = prepare_mailboxes(snapshot, mailboxes)
-    run = run or Run()
-    name, workdir = run.new_vm_dir("f")
-    vm = VM(name, snapshot, run, workdir)
+    if acks and (network is None or network == "none"):
+        raise ConfigError(
+            f"mailbox {next(iter(acks))!r} waits for an ack, but acks travel over UDP and this fork "
+            "has no network; use --vmfork-network=tap or user"
+        )
+    vm = pool.take(snapshot, network) if pool is not None else None
+    if vm is not None:  # spawned and loaded before the request: those stages cost it nothing
+        vm.timings.update(pooled=True, prepare_ms=vm.timings["load_ms"], spawn_ms=0.0, load_ms=0.0)
+    else:
+        run = run or Run()
+        name, workdir = run.new_vm_dir("f")
+        vm = VM(name, snapshot, run, workdir)
     try:
-        vm._restore(payloads, acks, ready_timeout, network, handoff_timeout)
+        if vm.state == "starting":
+            vm._prepare(network)
+        vm._resume(t0, payloads, acks, ready_timeout, handoff_timeout)
     except BaseException:
         console = vm.console_tail()
         vm.close()
@@ -458,3 +479,71 @@ def fork(
         vm.timings["console_tail"] = console
         raise
     return vm
+
+
+class WarmPool:
+    """A few forks started ahead of time, device state loaded, vCPUs stopped.
+
+    Spawning QEMU, the QMP handshake and loading the device state take ~60-70 ms
+    under TCG and are the same for every fork of a snapshot, so they are done
+    before the fork request; only the per-fork data (mailboxes) and the resume
+    remain. Bounded (``size``), refilled by a background thread, and closed like
+    any VM: pooled QEMUs carry PR_SET_PDEATHSIG too.
+    """
+
+    def __init__(self, snapshot: Snapshot, run: Run, network: Network, size: int = 1) -> None:
+        if not isinstance(size, int) or not 0 <= size <= 8:
+            raise ConfigError(f"pool size {size!r}: use 0 to 8 pre-started forks")
+        self.snapshot, self.run, self.network, self.size = snapshot, run, network, size
+        self._ready: list[VM] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self.failures = 0
+        self._thread = threading.Thread(target=self._fill, name="vmfork-pool", daemon=True)
+        if size:
+            self._thread.start()
+
+    def take(self, snapshot: Snapshot, network: Network) -> VM | None:
+        """A prepared VM for this snapshot and network, or None (fork cold)."""
+        if snapshot is not self.snapshot or network is not self.network:
+            return None
+        with self._lock:
+            vm = self._ready.pop(0) if self._ready else None
+        self._wake.set()
+        if vm is not None and not vm.alive():
+            vm.close()
+            return None
+        return vm
+
+    def _fill(self) -> None:
+        while not self._closed:
+            with self._lock:
+                missing = self.size - len(self._ready)
+            if missing <= 0 or self.failures >= 3:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            name, workdir = self.run.new_vm_dir("p")
+            vm = VM(name, self.snapshot, self.run, workdir)
+            try:
+                vm._prepare(self.network)
+            except Exception:
+                self.failures += 1  # a broken pool must not spin; forks then start cold
+                vm.close()
+                continue
+            with self._lock:
+                if self._closed:
+                    vm.close()
+                    return
+                self._ready.append(vm)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for vm in ready:
+            vm.close()

@@ -18,7 +18,7 @@ import pytest
 from .accel import resolve_accel
 from .config import OPTIONS, Settings
 from .errors import ConfigError
-from .fork import VM, MailboxPayload, Network, fork
+from .fork import VM, MailboxPayload, Network, WarmPool, fork
 from .network import RunNetwork, has_net_admin
 from .run import Run, base_dir
 from .snapshot import Snapshot, SnapshotStore
@@ -96,6 +96,7 @@ class VMForkSession:
         self.handoff_paths: dict[str, int] = {}
         self._network: Network = None
         self._run_network: RunNetwork | None = None
+        self.pools: dict[str, WarmPool] = {}
 
     def network(self) -> Network:
         """The forks' network mode, resolved (and a TAP run network brought up) once."""
@@ -139,14 +140,19 @@ class VMForkSession:
         return snap
 
     def fork(self, snapshot: Snapshot, mailboxes: dict[str, Any] | None = None) -> VM:
+        network = self.network()
+        pool = self.pools.get(snapshot.key)
         vm = fork(
             snapshot,
             run=self.run,
             mailboxes=mailboxes,
-            network=self.network(),
+            network=network,
             ready_timeout=self.settings.ready_timeout,
             handoff_timeout=self.settings.handoff_timeout,
+            pool=pool,
         )
+        if pool is None and self.settings.pool_size:  # after the first fork proved the snapshot works
+            self.pools[snapshot.key] = WarmPool(snapshot, self.run, network, self.settings.pool_size)
         self.forks += 1
         self.restore_ms.append(vm.timings["restore_to_healthy_ms"])
         path = vm.timings.get("handoff_path")
@@ -174,6 +180,9 @@ class VMForkSession:
         for vm in list(self.live):
             vm.close()
         self.live.clear()
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
         if self._run_network is not None:
             self._run_network.down()  # the last xdist worker of the run deletes the bridge
         if not hasattr(self.config, "workerinput") or not any(self.run.dir.iterdir()):

@@ -55,7 +55,11 @@ def test_guest_clock_is_set_from_the_host_on_resume(vm):
 
 def test_timings_report_restore_to_healthy_and_stages(vm):
     t = vm.timings
-    assert 0 < t["spawn_ms"] <= t["load_ms"] <= t["resume_ms"] <= t["restore_to_healthy_ms"]
+    if t.get("pooled"):  # spawned and loaded ahead of the request by the warm pool
+        assert t["spawn_ms"] == t["load_ms"] == 0.0 and t["prepare_ms"] > 0
+    else:
+        assert 0 < t["spawn_ms"] <= t["load_ms"]
+    assert t["load_ms"] <= t["resume_ms"] <= t["guest_ready_ms"] <= t["restore_to_healthy_ms"]
     assert t["mailbox_path"] == "direct"
 
 
@@ -80,3 +84,27 @@ def test_bad_exec_arguments_are_rejected_before_reaching_the_guest(vm):
         vm.exec([])
     with pytest.raises(ConfigError, match="positive number"):
         vm.exec(["true"], timeout=0)
+
+
+def test_warm_pool_forks_skip_spawn_and_load_and_close_cleanly(vmfork_snapshot):
+    from pytest_vmfork import Run
+    from pytest_vmfork.fork import WarmPool
+
+    run = Run()
+    pool = WarmPool(vmfork_snapshot, run, None, size=1)
+    try:
+        deadline = time.monotonic() + 60
+        while not pool._ready and time.monotonic() < deadline:
+            time.sleep(0.05)  # bounded wait for the background fill in this test only
+        with fork(vmfork_snapshot, run=run, pool=pool) as warm:
+            assert warm.timings["pooled"] is True and warm.timings["spawn_ms"] == 0.0
+            assert warm.exec(["true"]).returncode == 0
+        pooled_pid = None
+        deadline = time.monotonic() + 60
+        while not pool._ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pooled_pid = pool._ready[0].pid
+    finally:
+        pool.close()
+        run.remove()
+    assert pooled_pid and not os.path.exists(f"/proc/{pooled_pid}")
