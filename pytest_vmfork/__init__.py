@@ -22,7 +22,9 @@ from .errors import (
     StateError,
     VMForkError,
 )
-from .fork import VM, fork
+from .fork import VM, MailboxPayload, fork
+from .network import RunNetwork
+from .pool import WarmPool
 from .run import Run
 from .snapshot import Snapshot, SnapshotStore
 from .template import Template
@@ -36,14 +38,17 @@ __all__ = [
     "GuestError",
     "HandoffError",
     "ImageBuildError",
+    "MailboxPayload",
     "RestoreError",
     "Run",
+    "RunNetwork",
     "Snapshot",
     "SnapshotStore",
     "StateError",
     "Template",
     "VM",
     "VMForkError",
+    "WarmPool",
     "fork",
 ]
 __version__ = "0.1.0"

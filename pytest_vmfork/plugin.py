@@ -18,7 +18,8 @@ import pytest
 from .accel import resolve_accel
 from .config import OPTIONS, Settings
 from .errors import ConfigError
-from .fork import VM, MailboxPayload, Network, WarmPool, fork
+from .fork import VM, MailboxPayload, Network, fork
+from .pool import WarmPool
 from .network import RunNetwork, has_net_admin
 from .run import Run, base_dir
 from .snapshot import Snapshot, SnapshotStore
