@@ -39,13 +39,15 @@ demo: setup
 	$(BIN)/pytest fixtures/demo -v -p no:cacheprovider
 
 test: setup
-	$(BIN)/pytest tests -n $(TEST_WORKERS) -p no:cacheprovider
+	$(BIN)/pytest tests --ignore=tests/bench -n $(TEST_WORKERS) -p no:cacheprovider
 
 unit: setup
 	$(BIN)/pytest tests/unit -q
 
 bench: setup
-	$(BIN)/pytest tests/bench --benchmark-only --benchmark-json=bench-results/bench.json -p no:cacheprovider
+	mkdir -p bench-results
+	VMFORK_BENCH=1 $(BIN)/pytest tests/bench --benchmark-only --benchmark-json=bench-results/bench.json -p no:cacheprovider
+	$(BIN)/python tests/bench/report.py bench-results/bench.json --svg bench-results/restore.svg
 
 proto: venv
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. pytest_vmfork/proto/agent.proto

@@ -159,6 +159,9 @@ class SnapshotStore:
     accel: str = "tcg"
     progress: Progress = field(default=lambda msg: None)
 
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir).expanduser()  # a str from os.environ works too
+
     def key_for(self, template: Template) -> str:
         return template.snapshot_key(accel=self.accel, qemu_version=qemu_version())
 

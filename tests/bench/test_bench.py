@@ -1,0 +1,477 @@
+"""Benchmarks: fork restore-to-healthy, template cold boot, forks/s, memory per fork.
+
+Run with ``make bench`` (see conftest.py for the knobs); ``tests/bench/report.py``
+turns the saved JSON into a table and an SVG histogram. Every figure that is
+not a pytest-benchmark timing goes into ``benchmark.extra_info`` so it lands in
+the JSON: per-round ``vm.timings``-derived stage medians, the cold boot / restore
+ratio, forks/s, PSS.
+
+Forks are closed outside the timed part (pedantic ``teardown``), so every
+round times exactly one ``fork()`` call from a fresh QEMU to a healthy guest.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import queue
+import shutil
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pytest
+
+from pytest_vmfork import Run, Snapshot, SnapshotStore, Template, fork
+from pytest_vmfork.network import RunNetwork
+
+from .conftest import env_int
+
+ROUNDS = env_int("VMFORK_BENCH_ROUNDS", 20)
+WARMUP_ROUNDS = 1
+COLD_ROUNDS = env_int("VMFORK_BENCH_COLD_ROUNDS", 3)
+FORK_WORKERS = 2
+FORKS_PER_WORKER = env_int("VMFORK_BENCH_FORKS_PER_WORKER", 8)
+MEMORY_COUNTS = sorted({int(n) for n in os.environ.get("VMFORK_BENCH_MEMORY_COUNTS", "1,10,20").split(",")})
+MAILBOX = "app-config"
+QEMU = "qemu-system-x86_64"
+
+pytestmark = pytest.mark.vm
+
+
+# --- small helpers ------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (the plugin's summary uses the same rule)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summary_ms(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "min": round(min(values), 2),
+        "p50": round(statistics.median(values), 2),
+        "p95": round(percentile(values, 0.95), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def stage_breakdown(
+    timings: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+    """Median of every numeric stage of ``vm.timings`` and counts of the labels
+    (handoff_path, guest_apply, mailbox_path)."""
+    numbers: dict[str, list[float]] = {}
+    labels: dict[str, Counter[str]] = {}
+    for t in timings:
+        for key, value in t.items():
+            if key == "console_tail" or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
+                if math.isfinite(value):
+                    numbers.setdefault(key, []).append(float(value))
+            elif isinstance(value, str):
+                labels.setdefault(key, Counter())[value] += 1
+            elif isinstance(value, Mapping):  # ack_ms: {mailbox: ms}
+                for sub, ms in value.items():
+                    if isinstance(ms, (int, float)) and math.isfinite(ms):
+                        numbers.setdefault(f"{key}.{sub}", []).append(float(ms))
+    medians = {key: round(statistics.median(vals), 2) for key, vals in numbers.items()}
+    return medians, {key: dict(counts) for key, counts in labels.items()}
+
+
+def qemu_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
+            except OSError:
+                continue
+            if os.path.basename(argv0) == QEMU.encode():
+                pids.append(int(entry.name))
+    return pids
+
+
+def host_state() -> dict[str, Any]:
+    """How busy the machine was: other engineers' tests share it."""
+    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "qemu_processes": len(qemu_pids())}
+
+
+def smaps_rollup_kib(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1])
+    return out
+
+
+def mappers_of(path: Path) -> list[int]:
+    """QEMU processes (anyone's) whose command line names ``path``: they share its page-cache pages."""
+    needle = str(path).encode()
+    found = []
+    for pid in qemu_pids():
+        try:
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def mib(kib: float) -> float:
+    return round(kib / 1024, 1)
+
+
+# --- 1 + 2: restore to healthy --------------------------------------------------
+
+
+def bench_restore(
+    benchmark: Any, snap: Snapshot, run: Run, *, network: Any, with_payload: bool
+) -> dict[str, Any]:
+    """One fresh fork per round; the fork is verified and closed in the untimed teardown."""
+    timings: list[dict[str, Any]] = []
+    counter = iter(range(1_000_000))
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        mail = {MAILBOX: {"bench": "restore", "round": next(counter)}} if with_payload else None
+        return ([], mail), {}
+
+    def target(box: list[Any], mail: dict[str, Any] | None) -> None:
+        box.append(fork(snap, run=run, network=network, mailboxes=mail))
+
+    def teardown(box: list[Any], mail: dict[str, Any] | None) -> None:
+        vm = box[0]
+        try:
+            timings.append(dict(vm.timings))
+            if mail is not None:
+                assert vm.read_mailbox(MAILBOX) == mail[MAILBOX], "the payload did not arrive"
+            if isinstance(network, RunNetwork):
+                assert vm.timings.get("handoff_path") in ("ack", "grpc-fallback"), vm.timings
+        finally:
+            vm.close()
+
+    before = host_state()
+    benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    measured = timings[WARMUP_ROUNDS:]
+    restore = [t["restore_to_healthy_ms"] for t in measured]
+    stages, labels = stage_breakdown(measured)
+    info = {
+        "kind": "restore",
+        "network": "tap" if isinstance(network, RunNetwork) else str(network),
+        "mailbox_payload": with_payload,
+        "rounds": len(measured),
+        "warmup_rounds": WARMUP_ROUNDS,
+        "restore_to_healthy_ms": restore,
+        "restore_to_healthy": summary_ms(restore),
+        "stages_median_ms": stages,
+        "labels": labels,
+        "host_before": before,
+        "host_after": host_state(),
+    }
+    benchmark.extra_info.update(info)
+    return info
+
+
+def test_restore_to_healthy_tap_and_mailbox(
+    benchmark: Any,
+    vmfork_snapshot: Snapshot,
+    bench_run: Run,
+    bench_network: RunNetwork,
+    bench_results: dict[str, Any],
+    bench_say: Any,
+) -> None:
+    """A fork with a TAP on the run's bridge (network handoff) and one mailbox payload."""
+    assert MAILBOX in vmfork_snapshot.mailboxes
+    info = bench_restore(benchmark, vmfork_snapshot, bench_run, network=bench_network, with_payload=True)
+    bench_results["restore_tap"] = info["restore_to_healthy"]
+    s, st = info["restore_to_healthy"], info["stages_median_ms"]
+    bench_say(
+        f"restore (tap + mailbox): p50 {s['p50']:.0f} ms  p95 {s['p95']:.0f} ms  max {s['max']:.0f} ms"
+        f"  [handoff {st.get('handoff_ms', float('nan')):.0f} ms median;"
+        f" paths {info['labels'].get('handoff_path')}]"
+    )
+
+
+def test_restore_to_healthy_no_network(
+    benchmark: Any,
+    vmfork_snapshot: Snapshot,
+    bench_run: Run,
+    bench_results: dict[str, Any],
+    bench_say: Any,
+) -> None:
+    """The bare restore: no NIC backend, no payload."""
+    info = bench_restore(benchmark, vmfork_snapshot, bench_run, network="none", with_payload=False)
+    bench_results["restore_none"] = info["restore_to_healthy"]
+    s = info["restore_to_healthy"]
+    bench_say(
+        f"restore (no network, no payload): p50 {s['p50']:.0f} ms  p95 {s['p95']:.0f} ms"
+        f"  max {s['max']:.0f} ms"
+    )
+
+
+# --- 3: cold boot of the same template ------------------------------------------
+
+
+def test_cold_boot_template(
+    benchmark: Any,
+    vmfork_template: Template,
+    vmfork_snapshot: Snapshot,
+    bench_settings: Any,
+    bench_results: dict[str, Any],
+    bench_say: Any,
+) -> None:
+    """Boot the template and take its snapshot from scratch, in a fresh cache that
+    shares only the (already built) guest image: the cost every fork avoids."""
+    images = (Path(bench_settings.cache_dir) / "images").resolve()
+    assert images.is_dir(), f"no image cache at {images}"
+    snaps: list[Snapshot] = []
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        cache = Path(tempfile.mkdtemp(prefix="vmfork-bench-cold-"))
+        (cache / "images").symlink_to(images, target_is_directory=True)
+        return (cache, Run()), {}
+
+    def target(cache: Path, run: Run) -> None:
+        snaps.append(SnapshotStore(cache, accel=vmfork_snapshot.machine.accel).get(vmfork_template, run=run))
+
+    def teardown(cache: Path, run: Run) -> None:
+        run.remove()
+        (cache / "images").unlink()  # the link only; the shared image cache stays
+        shutil.rmtree(cache)
+
+    before = host_state()
+    benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=COLD_ROUNDS)
+    assert all(
+        not s.cache_hit and s.key == vmfork_snapshot.key for s in snaps
+    ), "not a cold boot of the same template"
+    boot_s = [s.boot_s for s in snaps]
+    build_s = [s.build_s for s in snaps]
+    info: dict[str, Any] = {
+        "kind": "cold_boot",
+        "rounds": len(snaps),
+        "accel": vmfork_snapshot.machine.accel,
+        "memory_mib": vmfork_snapshot.machine.memory_mib,
+        "boot_s": boot_s,  # QEMU start -> guest agent ready
+        "build_s": build_s,  # boot + warm-up + device-state save + verification
+        "boot_s_median": round(statistics.median(boot_s), 3),
+        "build_s_median": round(statistics.median(build_s), 3),
+        "host_before": before,
+        "host_after": host_state(),
+    }
+    line = (
+        f"cold boot (template to agent ready): median {info['boot_s_median']:.2f} s over {len(snaps)} boots"
+        f"  (whole snapshot build {info['build_s_median']:.2f} s)"
+    )
+    ratios = {}
+    for which in ("restore_tap", "restore_none"):
+        if which in bench_results:
+            p50 = bench_results[which]["p50"]
+            ratios[which] = {
+                "restore_p50_ms": p50,
+                "cold_boot_over_restore_p50": round(info["boot_s_median"] * 1000 / p50, 1),
+                "snapshot_build_over_restore_p50": round(info["build_s_median"] * 1000 / p50, 1),
+            }
+    info["ratios"] = ratios
+    benchmark.extra_info.update(info)
+    bench_say(line)
+    for which, r in ratios.items():
+        bench_say(
+            f"cold boot / fork restore p50 ({which}): {r['cold_boot_over_restore_p50']:.0f}x"
+            f"  (snapshot build / restore: {r['snapshot_build_over_restore_p50']:.0f}x)"
+        )
+    if not ratios:
+        bench_say("cold boot / fork restore: run the restore benchmarks in the same session for the ratio")
+
+
+# --- 4: forks per second, two processes like `-n 2` ---------------------------------
+
+
+def forks_worker(
+    snap: Snapshot,
+    run_id: str,
+    worker: str,
+    count: int,
+    tap: dict[str, Any] | None,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """One process (like an xdist worker): fork and close ``count`` VMs back to back."""
+    run = Run(run_id=run_id, worker=worker)
+    net: RunNetwork | None = None
+    try:
+        if tap is not None:
+            net = RunNetwork(run_id, pool=tap["pool"], lease_root=tap["lease_root"]).up()  # joins the bridge
+        barrier.wait(120)
+        start = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes
+        restore = []
+        for _ in range(count):
+            vm = fork(snap, run=run, network=net or "none")
+            try:
+                restore.append(vm.timings["restore_to_healthy_ms"])
+            finally:
+                vm.close()
+        results.put({"worker": worker, "start": start, "end": time.monotonic(), "restore_ms": restore})
+    except BaseException as exc:  # reported to the parent, which fails the test
+        barrier.abort()
+        results.put({"worker": worker, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        if net is not None:
+            net.down()
+
+
+@pytest.mark.parametrize("network", ["none", "tap"])
+def test_forks_per_second_two_processes(
+    benchmark: Any,
+    network: str,
+    vmfork_snapshot: Snapshot,
+    bench_run: Run,
+    bench_settings: Any,
+    request: pytest.FixtureRequest,
+    bench_say: Any,
+) -> None:
+    tap = None
+    if network == "tap":
+        request.getfixturevalue("bench_network")  # the parent holds the bridge; workers join it
+        tap = {"pool": bench_settings.subnet_pool, "lease_root": bench_settings.lease_dir}
+    ctx = multiprocessing.get_context("spawn")
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        barrier, results = ctx.Barrier(FORK_WORKERS), ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=forks_worker,
+                name=f"vmfork-bench-{i}",
+                args=(vmfork_snapshot, bench_run.run_id, f"b{i}", FORKS_PER_WORKER, tap, barrier, results),
+            )
+            for i in range(FORK_WORKERS)
+        ]
+        for p in procs:
+            p.start()
+        got: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 600
+        try:
+            while len(got) < len(procs):
+                try:
+                    got.append(results.get(timeout=2))
+                except queue.Empty:
+                    dead = [p.name for p in procs if p.exitcode not in (None, 0)]
+                    if dead or time.monotonic() > deadline:
+                        raise AssertionError(f"fork workers {dead or 'timed out'} without a result") from None
+        finally:
+            for p in procs:
+                p.join(60)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        outcome["workers"] = got
+
+    before = host_state()
+    benchmark.pedantic(target, rounds=1)
+    workers = outcome["workers"]
+    errors = [w["error"] for w in workers if "error" in w]
+    assert not errors, errors
+    elapsed = max(w["end"] for w in workers) - min(w["start"] for w in workers)
+    forks = sum(len(w["restore_ms"]) for w in workers)
+    restore = [ms for w in workers for ms in w["restore_ms"]]
+    info = {
+        "kind": "forks_per_second",
+        "network": network,
+        "processes": FORK_WORKERS,
+        "forks_per_process": FORKS_PER_WORKER,
+        "forks": forks,
+        "elapsed_s": round(elapsed, 3),
+        "forks_per_s": round(forks / elapsed, 2),
+        "restore_to_healthy_ms": restore,
+        "restore_to_healthy": summary_ms(restore),
+        "host_before": before,
+        "host_after": host_state(),
+    }
+    benchmark.extra_info.update(info)
+    bench_say(
+        f"forks/s ({FORK_WORKERS} processes x {FORKS_PER_WORKER}, network={network}): "
+        f"{info['forks_per_s']:.2f}  ({forks} forks+closes in {elapsed:.1f} s; "
+        f"restore p50 under concurrency {info['restore_to_healthy']['p50']:.0f} ms)"
+    )
+
+
+# --- 5: memory per fork -------------------------------------------------------------
+
+
+def test_memory_per_fork(benchmark: Any, vmfork_snapshot: Snapshot, bench_run: Run, bench_say: Any) -> None:
+    """PSS of the QEMU processes with 1, 10 and 20 forks alive, each ready and past one exec.
+
+    Each round forks one more VM and runs one exec in it (that is what is timed);
+    the untimed teardown measures every live QEMU when a level is reached.
+    PSS splits the snapshot file's shared page-cache pages between all processes
+    mapping it, other engineers' forks of the same snapshot included, so the
+    private (USS) figure is recorded too.
+    """
+    vms: list[Any] = []
+    levels: dict[str, Any] = {}
+    top = max(MEMORY_COUNTS)
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return ([],), {}
+
+    def target(box: list[Any]) -> None:
+        vm = fork(vmfork_snapshot, run=bench_run, network="none")
+        box.append(vm)
+        vm.exec(["cat", "/root/warmup-done"]).check()
+
+    def teardown(box: list[Any]) -> None:
+        vms.extend(box)
+        if len(vms) not in MEMORY_COUNTS:
+            return
+        rollups = [smaps_rollup_kib(vm.pid) for vm in vms]
+        total = {
+            field: sum(r.get(field, 0) for r in rollups)
+            for field in ("Pss", "Rss", "Pss_Anon", "Pss_File", "Private_Clean", "Private_Dirty")
+        }
+        uss = total["Private_Clean"] + total["Private_Dirty"]
+        n = len(vms)
+        levels[str(n)] = {
+            "forks": n,
+            "pss_total_mib": mib(total["Pss"]),
+            "pss_per_fork_mib": mib(total["Pss"] / n),
+            "rss_per_fork_mib": mib(total["Rss"] / n),
+            "pss_file_per_fork_mib": mib(total["Pss_File"] / n),
+            "pss_anon_per_fork_mib": mib(total["Pss_Anon"] / n),
+            "private_per_fork_mib": mib(uss / n),
+            "other_mappers_of_snapshot": len(
+                set(mappers_of(vmfork_snapshot.memory_path)) - {vm.pid for vm in vms}
+            ),
+        }
+
+    before = host_state()
+    try:
+        benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=top)
+    finally:
+        for vm in vms:
+            vm.close()
+    info = {
+        "kind": "memory",
+        "network": "none",
+        "template_memory_mib": vmfork_snapshot.machine.memory_mib,
+        "levels": levels,
+        "host_before": before,
+        "host_after": host_state(),
+    }
+    benchmark.extra_info.update(info)
+    for n in MEMORY_COUNTS:
+        lv = levels[str(n)]
+        bench_say(
+            f"memory, {n} concurrent forks of a {info['template_memory_mib']} MiB template: "
+            f"PSS total {lv['pss_total_mib']:.1f} MiB, {lv['pss_per_fork_mib']:.1f} MiB/fork "
+            f"(private {lv['private_per_fork_mib']:.1f} MiB/fork, RSS {lv['rss_per_fork_mib']:.1f} MiB/fork; "
+            f"{lv['other_mappers_of_snapshot']} other QEMUs mapped the snapshot)"
+        )
