@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .fork import VM, MailboxPayload, Network, fork
 from .pool import WarmPool
 from .network import RunNetwork, has_net_admin
-from .run import Run, base_dir
+from .run import Run, base_dir, new_run_id
 from .snapshot import Snapshot, SnapshotStore
 from .template import Template
 
@@ -53,7 +53,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if workerinput is not None:
         run = Run(run_id=workerinput["testrunuid"], worker=workerinput["workerid"].replace("gw", "w"))
     else:
-        run = Run(run_id=os.environ.get("PYTEST_XDIST_TESTRUNUID") or Run().run_id)
+        # Never inherit PYTEST_XDIST_TESTRUNUID: a pytest started from inside a
+        # worker is another run. Under xdist, hand our id to the workers so the
+        # controller (which outlives them) owns the run directory they share.
+        run_id = new_run_id()
+        if getattr(config.option, "testrunuid", "unset") is None:
+            config.option.testrunuid = run_id
+        run = Run(run_id=run_id)
     config.stash[SESSION_KEY] = VMForkSession(config, settings, run)
     _install_signal_handlers(config)
 
@@ -98,6 +104,7 @@ class VMForkSession:
         self._network: Network = None
         self._run_network: RunNetwork | None = None
         self.pools: dict[str, WarmPool] = {}
+        self.messages: list[str] = []
 
     def network(self) -> Network:
         """The forks' network mode, resolved (and a TAP run network brought up) once."""
@@ -122,8 +129,17 @@ class VMForkSession:
         return self._network
 
     def progress(self, message: str) -> None:
+        """Show a message now (past output capture); xdist workers cannot write to
+        the terminal, so theirs are repeated by the controller in the summary."""
+        self.messages.append(message)
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None and not hasattr(self.config, "workerinput"):
+        if reporter is None or hasattr(self.config, "workerinput"):
+            return
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(message)
+        else:
             reporter.write_line(message)
 
     def snapshot(self, template: Template) -> Snapshot:
@@ -194,6 +210,7 @@ class VMForkSession:
             "forks": self.forks,
             "restore_ms": self.restore_ms,
             "handoff_paths": self.handoff_paths,
+            "messages": self.messages,
             "snapshots": [
                 {"key": s.key, "cache_hit": s.cache_hit, "build_s": s.build_s, "boot_s": s.boot_s}
                 for s in self.snapshots
@@ -313,10 +330,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         stats["snapshots"] += worker["snapshots"]
         for path, n in worker.get("handoff_paths", {}).items():
             stats["handoff_paths"][path] = stats["handoff_paths"].get(path, 0) + n
-    if not stats["forks"] and not stats["snapshots"]:
+    worker_messages = [m for w in getattr(config, "_vmfork_worker_stats", []) for m in w.get("messages", [])]
+    if not stats["forks"] and not stats["snapshots"] and not worker_messages:
         return
     write = terminalreporter.write_line
     terminalreporter.section("vmfork summary")
+    for message in dict.fromkeys(worker_messages):  # what workers could not print, once each
+        write(message)
     seen = set()
     for snap in sorted(stats["snapshots"], key=lambda s: s["cache_hit"]):  # a build beats a hit
         if snap["key"] in seen:
@@ -352,8 +372,12 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Tear down here, not only in unconfigure: an xdist worker reports itself
+    finished right after this hook, and may be interrupted before unconfigure."""
     cfg = session.config
+    state = cfg.stash.get(SESSION_KEY, None)
+    if state is None:
+        return
+    state.close()
     if hasattr(cfg, "workeroutput"):
-        state = cfg.stash.get(SESSION_KEY, None)
-        if state is not None:
-            cfg.workeroutput["vmfork_stats"] = state.stats()
+        cfg.workeroutput["vmfork_stats"] = state.stats()

@@ -212,17 +212,30 @@ def test_two_forks_get_distinct_addresses_and_macs_that_the_guests_really_have(v
         assert 0 < machine.timings["handoff_ms"] <= machine.timings["restore_to_healthy_ms"]
 
 
+def same_link_exists(name: str, index: int) -> bool:
+    """Whether the interface ``index`` still exists under ``name``. Interface
+    indexes are not reused soon, names are: another fork of the run (another
+    xdist worker, the warm pool) may get the freed address and TAP name at once."""
+    try:
+        return socket.if_indextoname(index) == name
+    except OSError:
+        return False
+
+
 def test_closing_a_fork_removes_its_tap(vm_factory):
     machine = vm_factory()
     tap = machine._lease.tap
     handles = json.loads((machine.dir / "handles.json").read_text())
     assert handles["tap"] == tap and handles["ip"] == machine.ip
     bridge, _ = bridge_of(machine)
+    with IPRoute() as ipr:
+        (index,) = ipr.link_lookup(ifname=tap)
     assert link_of(tap)["master"] == bridge
     pid = machine.pid
     machine.close()
+    assert not same_link_exists(tap, index), f"TAP {tap} outlived its fork"
     with IPRoute() as ipr:
-        assert ipr.link_lookup(ifname=tap) == [], f"TAP {tap} outlived its fork"
+        assert index not in ipr.link_lookup(ifname=tap)  # gone, or the name is a newer fork's TAP now
     assert not os.path.exists(f"/proc/{pid}")
     assert link_of(bridge) is not None, "closing one fork must not take the run's bridge"
 
@@ -230,12 +243,12 @@ def test_closing_a_fork_removes_its_tap(vm_factory):
 def test_tap_disappears_when_the_qemu_process_dies_without_close(vm_factory):
     machine = vm_factory()
     tap = machine._lease.tap
-    assert link_of(tap) is not None
+    index = socket.if_nametoindex(tap)
     os.kill(machine.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while link_of(tap) is not None and time.monotonic() < deadline:
+    while same_link_exists(tap, index) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert link_of(tap) is None, f"TAP {tap} survived its SIGKILLed QEMU (a persistent TAP?)"
+    assert not same_link_exists(tap, index), f"TAP {tap} survived its SIGKILLed QEMU (a persistent TAP?)"
 
 
 # --- a private run network: the gRPC fallback -----------------------------------------
@@ -276,7 +289,8 @@ def test_a_lost_ack_takes_the_grpc_fallback_and_the_fork_still_works(vmfork_snap
         mac, addrs = guest_eth0(machine)  # applied (again) by ReconfigureNetwork
         assert (mac, addrs) == (machine.mac.lower(), [f"{machine.ip}/{net.subnet.prefixlen}"])
         start_echo(machine, machine.name)
-        assert parse_reply(udp_echo(machine.ip, b"after-fallback")) == (machine.name, net.gateway, b"after-fallback")
+        assert parse_reply(udp_echo(machine.ip, b"after-fallback")) == (
+            machine.name, net.gateway, b"after-fallback")
         assert parse_reply(tcp_echo(machine.ip, b"tcp-after-fallback")) == (
             machine.name, net.gateway, b"tcp-after-fallback")
         # Control: on the same network with ARP answered, the ack arrives.
