@@ -2,6 +2,8 @@
 
     vmfork build [--template pkg.module:NAME] [--rebuild]
     vmfork run [--template ...] -- uname -a
+    vmfork gc [--dry-run] [--kept] [--orphan-links] [--lease-dir D] [--cache-dir D]
+    vmfork doctor [--cache-dir D]
 """
 
 from __future__ import annotations
@@ -76,6 +78,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         run.remove()
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .gc import collect
+
+    report = collect(lease_root=args.lease_dir, cache_dir=args.cache_dir, dry_run=args.dry_run,
+                     include_kept=args.kept, orphan_links=args.orphan_links)
+    print(report.format())
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    checks = doctor.diagnose(args.cache_dir)
+    print(doctor.format(checks))
+    return 1 if doctor.failed(checks) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmfork", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=60.0)
     r.add_argument("argv", nargs=argparse.REMAINDER)
     r.set_defaults(func=cmd_run)
+
+    g = sub.add_parser("gc", help="remove what dead runs left behind (VMs, run dirs, leases, bridges, "
+                       "partial builds); never touches a live run")
+    g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    g.add_argument("--kept", action="store_true", help="also remove VM files kept by --vmfork-keep-failed")
+    g.add_argument("--orphan-links", action="store_true",
+                   help="also delete vmfk* bridges that no lease under --lease-dir names and that have "
+                        "no ports (only if no run uses another lease dir)")
+    g.add_argument("--lease-dir", type=Path, default=None,
+                   help="lease root (default /run/vmfork, else <tmp>/vmfork-<uid>/leases)")
+    g.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    g.set_defaults(func=cmd_gc)
+
+    d = sub.add_parser("doctor",
+                       help="check that this host can run forked VMs and say how to fix what is missing")
+    d.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    d.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -21,6 +21,7 @@ import mmap
 import os
 import secrets
 import shutil
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 from . import mailbox as mbx
 from .agent import AgentClient, ExecResult
-from .errors import AckTimeout, ConfigError, HandoffError, RestoreError, StateError
+from .errors import AckTimeout, ConfigError, GuestError, HandoffError, RestoreError, StateError
 from .leases import ForkLease
 from .network import USER_NET, AckListener, RunNetwork, open_tap, tap_netdev, user_netdev
 from .proto import agent_pb2 as pb
@@ -123,6 +124,7 @@ class VM:
         self._lease: ForkLease | None = None
         self._acks: AckListener | None = None
         self._forwards: dict[int, int] = {}
+        self._own_run = False
 
     # --- public API -----------------------------------------------------------
 
@@ -151,8 +153,17 @@ class VM:
             raise ConfigError(f"exec timeout must be a positive number of seconds, got {timeout!r}")
         if isinstance(input, str):
             input = input.encode()
-        assert self._agent is not None
-        return self._agent.exec(argv, timeout=timeout, input=input, env=env, cwd=cwd)
+        assert self._agent is not None and self._qemu is not None
+        try:
+            return self._agent.exec(argv, timeout=timeout, input=input, env=env, cwd=cwd)
+        except GuestError as exc:
+            if self._qemu.alive():
+                raise
+            self.state = "failed"
+            raise RestoreError(
+                f"VM {self.name}: its QEMU (pid {self._qemu.pid}) exited {_exit_reason(self._qemu.proc.returncode)} "
+                f"while running {argv}", console_tail=self.console_tail()
+            ) from exc
 
     def read_mailbox(self, name: str) -> Any:
         """The JSON payload the guest received in mailbox ``name`` (None if none)."""
@@ -236,6 +247,8 @@ class VM:
             self._lease = None
         if not keep_files:
             shutil.rmtree(self.dir, ignore_errors=True)
+            if self._own_run:
+                self.run.remove()
 
     def __enter__(self) -> "VM":
         return self
@@ -425,6 +438,12 @@ class VM:
         self.timings["mailbox_path"] = path
 
 
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by signal {-code} ({signal.Signals(-code).name})"
+    return f"with status {code}"
+
+
 def _scan(memory_path: Path, want: bytes) -> int:
     with open(memory_path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         return mbx.find(m, want)
@@ -467,9 +486,11 @@ def fork(
     if vm is not None:  # spawned and loaded before the request: those stages cost it nothing
         vm.timings.update(pooled=True, prepare_ms=vm.timings["load_ms"], spawn_ms=0.0, load_ms=0.0)
     else:
+        own_run = run is None
         run = run or Run()
         name, workdir = run.new_vm_dir("f")
         vm = VM(name, snapshot, run, workdir)
+        vm._own_run = own_run  # a run made for this VM alone goes away with it
     try:
         if vm.state == "starting":
             vm._prepare(network)

@@ -18,6 +18,7 @@ import pytest
 from .accel import resolve_accel
 from .config import OPTIONS, Settings
 from .errors import ConfigError
+from .gc import gc_at_session_start
 from .fork import VM, MailboxPayload, Network, fork
 from .pool import WarmPool
 from .network import RunNetwork, has_net_admin
@@ -60,8 +61,11 @@ def pytest_configure(config: pytest.Config) -> None:
         if getattr(config.option, "testrunuid", "unset") is None:
             config.option.testrunuid = run_id
         run = Run(run_id=run_id)
-    config.stash[SESSION_KEY] = VMForkSession(config, settings, run)
+    session = config.stash[SESSION_KEY] = VMForkSession(config, settings, run)
     _install_signal_handlers(config)
+    if workerinput is None:  # once per run, before any VM: leftovers of dead runs
+        gc_at_session_start(lease_root=settings.lease_dir, cache_dir=settings.cache_dir,
+                            progress=session.progress)
 
 
 def _install_signal_handlers(config: pytest.Config) -> None:
@@ -105,6 +109,7 @@ class VMForkSession:
         self._run_network: RunNetwork | None = None
         self.pools: dict[str, WarmPool] = {}
         self.messages: list[str] = []
+        self.unshown: list[str] = []
 
     def network(self) -> Network:
         """The forks' network mode, resolved (and a TAP run network brought up) once."""
@@ -133,7 +138,10 @@ class VMForkSession:
         the terminal, so theirs are repeated by the controller in the summary."""
         self.messages.append(message)
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is None or hasattr(self.config, "workerinput"):
+        if hasattr(self.config, "workerinput"):
+            return
+        if reporter is None:  # too early (pytest_configure): shown at session start
+            self.unshown.append(message)
             return
         capture = self.config.pluginmanager.get_plugin("capturemanager")
         if capture is not None:
@@ -216,6 +224,15 @@ class VMForkSession:
                 for s in self.snapshots
             ],
         }
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    state = session.config.stash.get(SESSION_KEY, None)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if state is not None and reporter is not None:
+        for message in state.unshown:
+            reporter.write_line(message)
+        state.unshown.clear()
 
 
 def _session(request: pytest.FixtureRequest) -> VMForkSession:

@@ -453,7 +453,7 @@ def test_a_dead_runs_lease_is_reclaimed_and_a_live_runs_lease_is_kept(inner):
         code, out = suite.run("-n", "2")
         assert code == 0 and "1 passed" in out, out[-5000:]
         (rec,) = suite.records()
-        assert rec["bridge"] not in (stale.bridge, live.bridge)
+        assert rec["bridge"] != live.bridge  # the dead run's subnet may be reused once reclaimed
 
         now = links()
         assert stale.bridge not in now, f"the dead run's bridge {stale.bridge} was not reclaimed"
@@ -473,7 +473,9 @@ def test_reclaiming_a_dead_runs_lease_is_reported_on_the_terminal(inner):
         code, out = suite.run()  # one process: only the controller reports progress
         assert code == 0 and "1 passed" in out, out[-5000:]
         assert stale.bridge not in links()  # it was reclaimed, and said so:
-        assert f"vmfork: reclaimed stale network lease {stale.subnet} of run deadrun" in out
+        # gc at session start (or the network's own reclaim) removes it and says so
+        assert (f"vmfork: reclaimed stale network lease {stale.subnet} of run deadrun" in out
+                or ("vmfork: cleaned up after dead runs" in out and stale.bridge in out)), out[-3000:]
     assert lease_files(suite.lease_root) == []
 
 
