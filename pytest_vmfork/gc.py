@@ -1,7 +1,7 @@
 """Garbage collection: clean up what dead runs left on this host.
 
 A run that dies without its teardown (SIGKILL, OOM, a crashed CI job, a
-SIGTERM pytest does not turn into teardown) can leave behind:
+second Ctrl-C during teardown, an xdist worker killed) can leave behind:
 
 - QEMU processes (normally killed by PR_SET_PDEATHSIG, unless setpriv could not
   set it or the process outlived its owner some other way);
@@ -857,7 +857,7 @@ def gc_at_session_start(
     if report.removed and progress is not None:
         names = ", ".join(f"{i.kind} {i.name}" for i in report.removed[:8])
         more = f" and {len(report.removed) - 8} more" if len(report.removed) > 8 else ""
-        progress(f"vmfork: cleaned up after dead runs: {names}{more} "
+        progress(f"vmfork: cleaned up after dead runs: {report.summary()}: {names}{more} "
                  f"({report.elapsed_s * 1000:.0f} ms; `vmfork gc --dry-run` lists leftovers)")
     return report
 

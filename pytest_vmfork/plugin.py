@@ -75,7 +75,13 @@ def _install_signal_handlers(config: pytest.Config) -> None:
     if threading.current_thread() is not threading.main_thread():
         return
 
+    owner = os.getpid()
+
     def interrupt(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked child (multiprocessing, netns helpers): not pytest
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise KeyboardInterrupt(f"vmfork: received {signal.Signals(signum).name}, tearing down")
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
