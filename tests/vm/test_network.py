@@ -297,3 +297,54 @@ def test_a_lost_ack_takes_the_grpc_fallback_and_the_fork_still_works(vmfork_snap
         with fork(vmfork_snapshot, run=run, network=net, handoff_timeout=5) as other:
             assert other.timings["handoff_path"] == "ack"
             assert other.ip != machine.ip
+
+
+def test_user_mode_network_gives_outbound_traffic_and_a_forwarded_port(vmfork_snapshot):
+    """The unprivileged fallback: the guest reaches the host (QEMU's NAT maps
+    10.0.2.2 to the host's loopback) and vm.host_port() forwards a guest port."""
+    import socket as _socket
+    import threading as _threading
+
+    from pytest_vmfork import Run, fork
+
+    listener = _socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(30)
+    got: list[bytes] = []
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            got.append(conn.recv(64))
+
+    acceptor = _threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    run = Run()
+    try:
+        with fork(vmfork_snapshot, run=run, network="user") as vm:
+            assert vm.timings["handoff_path"] == "ack"
+            port = listener.getsockname()[1]
+            out = vm.exec(["python3", "-c", f"import socket; s=socket.create_connection(('10.0.2.2', {port}), 10);"
+                           "s.sendall(b'from-guest'); s.close()"])
+            assert out.returncode == 0, out.stderr
+            acceptor.join(30)
+            assert got == [b"from-guest"]
+            server = ("import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
+                      "s.bind(('0.0.0.0', 7777)); s.listen(1); c, _ = s.accept(); c.sendall(c.recv(64).upper())")
+            vm.exec(f'python3 -c "{server}" >/dev/null 2>&1 &').check()
+            host_port = vm.host_port(7777)
+            for _ in range(100):  # bounded: the guest server takes a moment to listen
+                try:
+                    with _socket.create_connection(("127.0.0.1", host_port), timeout=5) as c:
+                        c.sendall(b"ping")
+                        reply = c.recv(64)
+                    if reply:
+                        break
+                except OSError:
+                    reply = b""
+                time.sleep(0.1)
+            assert reply == b"PING"
+    finally:
+        listener.close()
+        run.remove()
