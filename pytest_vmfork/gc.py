@@ -23,7 +23,6 @@ is only removed with ``include_kept=True``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import select
@@ -165,15 +164,7 @@ def _record_gone(pid: object, start_time: object, boot: object, written: float |
     return lz.owner_gone(pid, start_time, boot)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """None if missing, {} if unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+_read_json = lz._read_json  # None if missing, {} if unreadable: one reader for every record
 
 
 def _mtime(path: Path) -> float | None:

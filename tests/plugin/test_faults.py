@@ -36,21 +36,11 @@ from pytest_vmfork.network import has_net_admin
 
 pytestmark = pytest.mark.skipif(not has_net_admin(), reason="TAP networking needs CAP_NET_ADMIN")
 
-REPO = Path(__file__).resolve().parents[2]
+from .suites import CONFTEST, REPO
 RUN_TIMEOUT = 120.0  # one inner pytest run (a snapshot rebuild included)
 MARK_TIMEOUT = 60.0  # until an inner test's VM is up
 EXIT_TIMEOUT = 30.0  # from a signal to the inner run's exit
 
-CONFTEST = f"""
-import sys
-sys.path.insert(0, {str(REPO)!r})
-import pytest
-from fixtures.templates import TEST_TEMPLATE
-
-@pytest.fixture(scope="session")
-def vmfork_template():
-    return TEST_TEMPLATE
-"""
 
 #: One suite for every fault; VMFK_FAULT selects what test_victim does, and
 #: without it the whole suite simply passes (the "next run").

@@ -32,23 +32,13 @@ from pyroute2 import IPRoute
 from pytest_vmfork import leases as lz
 from pytest_vmfork import network as nw
 
-REPO = Path(__file__).resolve().parents[2]
+from .suites import CONFTEST
 RUN_TIMEOUT = 180  # seconds for one inner pytest run
 #: Hypothesis' terminal-summary hook imports all of hypothesis in every xdist worker
 #: *after* the worker reported "finished": seconds under load, which makes the
 #: teardown race of test_a_worker_slow_to_exit_... hit the other runs at random.
 NO_SLOW_WORKER_EXIT = ("-p", "no:hypothesispytest")
 
-CONFTEST = f"""
-import sys
-sys.path.insert(0, {str(REPO)!r})
-import pytest
-from fixtures.templates import TEST_TEMPLATE
-
-@pytest.fixture(scope="session")
-def vmfork_template():
-    return TEST_TEMPLATE
-"""
 
 #: Imported by the generated test modules (they live next to it).
 NETKIT = r'''

@@ -7,18 +7,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from .suites import CONFTEST
 
-CONFTEST = f"""
-import sys
-sys.path.insert(0, {str(REPO)!r})
-import pytest
-from fixtures.templates import TEST_TEMPLATE
-
-@pytest.fixture(scope="session")
-def vmfork_template():
-    return TEST_TEMPLATE
-"""
 
 
 @pytest.fixture
