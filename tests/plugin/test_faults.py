@@ -36,7 +36,7 @@ from pytest_vmfork.network import has_net_admin
 
 pytestmark = pytest.mark.skipif(not has_net_admin(), reason="TAP networking needs CAP_NET_ADMIN")
 
-from .suites import CONFTEST, REPO
+from .suites import CONFTEST, REPO, finish
 RUN_TIMEOUT = 120.0  # one inner pytest run (a snapshot rebuild included)
 MARK_TIMEOUT = 60.0  # until an inner test's VM is up
 EXIT_TIMEOUT = 30.0  # from a signal to the inner run's exit
@@ -155,17 +155,6 @@ class Inner:
             [sys.executable, "-m", "pytest_vmfork.cli", "gc", f"--lease-dir={self.lease_root}",
              f"--cache-dir={self.tmp / 'cache'}", *args],
             env=self.env(), capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
-
-
-def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> tuple[int, str]:
-    """Wait for an inner run (bounded); on timeout kill its whole process group."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"inner run did not finish within {timeout}s:\n{out[-5000:]}") from None
-    return proc.returncode, out
 
 
 _POOL_INDEX = {"sigint": 0, "sigterm": 1, "worker": 2, "qemu": 3, "hung": 4, "cache": 5, "gc": 6}

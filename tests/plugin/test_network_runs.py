@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pyroute2 import IPRoute
 from pytest_vmfork import leases as lz
 from pytest_vmfork import network as nw
 
-from .suites import CONFTEST
+from .suites import CONFTEST, finish
 RUN_TIMEOUT = 180  # seconds for one inner pytest run
 #: Hypothesis' terminal-summary hook imports all of hypothesis in every xdist worker
 #: *after* the worker reported "finished": seconds under load, which makes the
@@ -236,21 +235,10 @@ class InnerRun:
 
     def run(self, *extra: str, **env: str) -> tuple[int, str]:
         """Run the suite to the end (bounded): (exit status, output)."""
-        return finish(self.popen(*extra, **env))
+        return finish(self.popen(*extra, **env), RUN_TIMEOUT)
 
     def records(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.out.glob("*.json"))]
-
-
-def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> tuple[int, str]:
-    """Wait for an inner run (bounded); on timeout kill its whole process group."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"inner run did not finish within {timeout}s:\n{out[-5000:]}") from None
-    return proc.returncode, out
 
 
 @pytest.fixture
@@ -371,7 +359,7 @@ def test_two_simultaneous_runs_never_share_an_address_tap_or_bridge(inner, tmp_p
                            VMFK_OTHER=other, VMFK_RENDEZVOUS=str(rendezvous))
         for label, other in (("A", "B"), ("B", "A"))
     }
-    results = {label: finish(proc) for label, proc in procs.items()}
+    results = {label: finish(proc, RUN_TIMEOUT) for label, proc in procs.items()}
     for label, (code, out) in results.items():
         assert code == 0 and "4 passed" in out, f"run {label}:\n{out[-5000:]}"
     recs = suite.records()
