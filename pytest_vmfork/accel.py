@@ -54,26 +54,45 @@ def probe_kvm(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> t
             proc.wait()
 
 
-def resolve_accel(setting: str, cache_dir: Path, template: Template, progress: Callable[[str], None]) -> str:
-    """Turn the ``accel`` setting (auto/tcg/kvm) into the accelerator to use."""
+def resolve_accel(setting: str, cache_dir: Path, template: Template, progress: Callable[[str], None],
+                  options: image_mod.BuildOptions | None = None) -> str:
+    """Turn the ``accel`` setting (auto/tcg/kvm) into the accelerator to use.
+
+    The probe runs once per (image, QEMU, host kernel); its verdict is cached and
+    reported in one line saying why and where the verdict is kept.
+    """
     if setting == "tcg":
         return "tcg"
-    img = image_mod.build_image(template.image_spec(), cache_dir, progress=progress)
-    key = hashlib.sha256(f"{img.key}|{qemu_version()}|{os.uname().release}".encode()).hexdigest()[:16]
-    cache = cache_dir / "probes" / f"kvm-{key}.json"
+    img = image_mod.build_image(template.image_spec(), cache_dir, progress=progress,
+                                options=options or image_mod.BuildOptions())
+    cache = probe_cache_path(cache_dir, img.key)
     try:
         verdict = json.loads(cache.read_text())
+        how = "cached"
     except (OSError, ValueError):
         ok, reason = probe_kvm(img.kernel, img.initrd)
         verdict = {"ok": ok, "reason": reason}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(verdict))
-    if setting == "kvm" and not verdict["ok"]:
+        how = "probed"
+    reason = one_line(str(verdict.get("reason", "")))
+    if setting == "kvm" and not verdict.get("ok"):
         raise ConfigError(
-            f"--vmfork-accel=kvm, but KVM cannot boot the guest kernel here: {verdict['reason']}; "
+            f"--vmfork-accel=kvm, but KVM cannot boot the guest kernel here: {reason}; "
             "use --vmfork-accel=tcg or auto"
         )
-    if verdict["ok"]:
-        return "kvm"
-    progress(f"vmfork: using TCG ({verdict['reason']})")
-    return "tcg"
+    accel = "kvm" if verdict.get("ok") else "tcg"
+    progress(f"vmfork: accelerator {accel}: {reason} ({how}; verdict kept in {cache})")
+    return accel
+
+
+def probe_cache_path(cache_dir: Path, image_key: str) -> Path:
+    """Where the KVM verdict for this image, QEMU and host kernel is kept."""
+    key = hashlib.sha256(f"{image_key}|{qemu_version()}|{os.uname().release}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / "probes" / f"kvm-{key}.json"
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """A multi-line diagnosis (QEMU's assertion text) as one short line."""
+    flat = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -2,6 +2,7 @@
 
     vmfork build [--template pkg.module:NAME] [--rebuild]
     vmfork run [--template ...] -- uname -a
+    vmfork key [--template ...]
     vmfork gc [--dry-run] [--kept] [--orphan-links] [--lease-dir D] [--cache-dir D]
     vmfork doctor [--cache-dir D]
 """
@@ -10,21 +11,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
 
 from .accel import resolve_accel
+from .aptsources import parse_setting
 from .config import ACCELS, default_cache_dir
 from .errors import ConfigError, VMForkError
 from .fork import fork
+from .image import BuildOptions
+from .rootfs import MODES
 from .run import Run
 from .snapshot import Snapshot, SnapshotStore
 from .template import Template
 
 
 def load_template(spec: str | None) -> Template:
-    """``module:attr`` naming a Template or a zero-argument callable returning one."""
+    """``module:attr`` naming a Template, a zero-argument callable returning one, or a
+    ``vmfork_template`` fixture without arguments (``conftest:vmfork_template``)."""
     if not spec:
         return Template()
     module_name, _, attr = spec.partition(":")
@@ -35,17 +41,29 @@ def load_template(spec: str | None) -> Template:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"--template {spec!r}: {exc}") from exc
-    template = obj() if callable(obj) and not isinstance(obj, Template) else obj
+    # A conftest's `vmfork_template` fixture is fine too: call the function it wraps.
+    obj = getattr(obj, "_get_wrapped_function", lambda: obj)()
+    try:
+        template = obj() if callable(obj) and not isinstance(obj, Template) else obj
+    except TypeError as exc:
+        raise ConfigError(f"--template {spec!r} must take no arguments: {exc}") from exc
     if not isinstance(template, Template):
         raise ConfigError(f"--template {spec!r} is a {type(template).__name__}, not a pytest_vmfork.Template")
     return template
 
 
+def _build_options(args: argparse.Namespace) -> BuildOptions:
+    if args.apt_sources:
+        parse_setting(args.apt_sources)  # ConfigError naming the bad item, before anything runs
+    return BuildOptions(apt_sources=args.apt_sources, mode=args.build_mode)
+
+
 def _snapshot(args: argparse.Namespace, run: Run) -> Snapshot:
     template = load_template(args.template)
     progress = print
-    accel = resolve_accel(args.accel, args.cache_dir, template, progress)
-    store = SnapshotStore(args.cache_dir, accel=accel, progress=progress)
+    build = _build_options(args)
+    accel = resolve_accel(args.accel, args.cache_dir, template, progress, build)
+    store = SnapshotStore(args.cache_dir, accel=accel, progress=progress, build=build)
     return store.get(template, run=run, rebuild=getattr(args, "rebuild", False))
 
 
@@ -78,6 +96,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         run.remove()
 
 
+def cmd_key(args: argparse.Namespace) -> int:
+    """Print the template's image key: what a CI cache of the image and snapshot is keyed on."""
+    template = load_template(args.template)
+    print(template.image_spec().key())
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from .gc import collect
 
@@ -90,7 +115,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor
 
-    checks = doctor.diagnose(args.cache_dir)
+    checks = doctor.diagnose(args.cache_dir, apt_sources=args.apt_sources, build_mode=args.build_mode)
     print(doctor.format(checks))
     return 1 if doctor.failed(checks) else 0
 
@@ -100,9 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def building(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+        p.add_argument("--apt-sources", default=os.environ.get("VMFORK_APT_SOURCES") or None,
+                       help="Debian sources for the guest (default: the host's bookworm entries)")
+        p.add_argument("--build-mode", choices=MODES, default=os.environ.get("VMFORK_BUILD_MODE") or "auto",
+                       help="mmdebstrap mode (default auto: root, else unshare, else fakechroot)")
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--template", help="package.module:NAME of a Template (default: the stock one)")
-        p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+        building(p)
         p.add_argument("--accel", choices=ACCELS, default="auto")
 
     b = sub.add_parser("build", help="build the guest image and the template snapshot (cached)")
@@ -115,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=60.0)
     r.add_argument("argv", nargs=argparse.REMAINDER)
     r.set_defaults(func=cmd_run)
+
+    k = sub.add_parser("key", help="print the template's image key (for keying a CI cache of the cache dir)")
+    k.add_argument("--template", help="package.module:NAME of a Template (default: the stock one)")
+    k.set_defaults(func=cmd_key)
 
     g = sub.add_parser("gc", help="remove what dead runs left behind (VMs, run dirs, leases, bridges, "
                        "partial builds); never touches a live run")
@@ -130,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor",
                        help="check that this host can run forked VMs and say how to fix what is missing")
-    d.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    building(d)
     d.set_defaults(func=cmd_doctor)
     return parser
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .image import BuildOptions
 
 ACCELS = ("auto", "tcg", "kvm")
 NETWORKS = ("auto", "tap", "user", "none")
@@ -51,6 +54,22 @@ def _network(value: Any) -> str:
     text = str(value).strip().lower()
     if text not in NETWORKS:
         raise ConfigError(f"vmfork network {value!r} is not one of {', '.join(NETWORKS)}")
+    return text
+
+
+def _apt_sources(value: Any) -> str:
+    from .aptsources import parse_setting
+
+    parse_setting(str(value))  # ConfigError naming the bad item
+    return str(value)
+
+
+def _build_mode(value: Any) -> str:
+    from .rootfs import MODES
+
+    text = str(value).strip().lower()
+    if text not in MODES:
+        raise ConfigError(f"vmfork build mode {value!r} is not one of {', '.join(MODES)}")
     return text
 
 
@@ -124,6 +143,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("vmfork_pool_size", "forks kept started ahead (QEMU spawned, device state loaded) per "
            "process, so a fork request only patches and resumes; 0 disables", _count("vmfork_pool_size", 8),
            lambda: 1),
+    Option("vmfork_apt_sources", "Debian sources the guest image is built from: mirror URLs, 'deb ...' lines or "
+           "sources files, separated by ';' or newlines (default: the host's bookworm entries in /etc/apt)",
+           _apt_sources, lambda: None, env="VMFORK_APT_SOURCES"),
+    Option("vmfork_build_mode", "how mmdebstrap builds the guest root: auto (root as root, else unshare with "
+           "/etc/subuid entries, else fakechroot), root, unshare or fakechroot",
+           _build_mode, lambda: "auto", env="VMFORK_BUILD_MODE"),
     Option("vmfork_handoff_timeout", "seconds to wait for the guest's network ack before the gRPC fallback",
            _seconds("vmfork_handoff_timeout", 60), lambda: 2.0),
 )
@@ -141,6 +166,15 @@ class Settings:
     lease_dir: Path | None = None
     handoff_timeout: float = 2.0
     pool_size: int = 1
+    apt_sources: str | None = None
+    build_mode: str = "auto"
+
+    @property
+    def build(self) -> "BuildOptions":
+        """How images are built (apt sources, mmdebstrap mode)."""
+        from .image import BuildOptions
+
+        return BuildOptions(apt_sources=self.apt_sources, mode=self.build_mode)
 
     @classmethod
     def resolve(cls, getoption: Callable[[str], Any], getini: Callable[[str], Any]) -> "Settings":

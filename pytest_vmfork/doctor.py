@@ -8,7 +8,6 @@ probed against an image that is already cached.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -71,24 +70,35 @@ def _cached_image(cache_dir: Path):  # -> image.Image | None
     candidates = sorted((p for p in images.iterdir() if p.is_dir() and not p.name.startswith(".")),
                         key=lambda p: p.stat().st_mtime, reverse=True) if images.is_dir() else []
     for path in candidates:
-        img = image_mod._load(path)
+        img = image_mod.load_cached(path)
         if img is not None:
             return img
     return None
 
 
 def check_kvm(cache_dir: Path) -> Check:
-    from .accel import probe_kvm
-    from .vmm import qemu_version
+    from .accel import one_line, probe_cache_path, probe_kvm
 
     name = "kvm"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        import grp
+
+        group = ""
+        try:
+            group = grp.getgrgid(os.stat("/dev/kvm").st_gid).gr_name
+        except (OSError, KeyError):
+            pass
+        user = _username()
+        fix = (f"add yourself to the {group} group (sudo usermod -aG {group} {user}, then log in again)"
+               if group and group != "root" else "give this user access to /dev/kvm (or run on a host with KVM)")
+        return Check(name, False, "/dev/kvm is missing or not accessible to this user; forks run under TCG "
+                     "(slower)", fix, required=False)
     img = _cached_image(cache_dir)
     if img is None:
         return Check(name, False,
                      "unknown until an image is built (the probe boots the image's stock kernel)",
                      "run `vmfork build` (or any test run), then `vmfork doctor` again", required=False)
-    key = hashlib.sha256(f"{img.key}|{qemu_version()}|{os.uname().release}".encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / "probes" / f"kvm-{key}.json"  # the same verdict cache as accel.resolve_accel
+    cache = probe_cache_path(cache_dir, img.key)  # the same verdict cache as accel.resolve_accel
     try:
         verdict = json.loads(cache.read_text())
         ok, reason, how = bool(verdict["ok"]), str(verdict["reason"]), "cached probe"
@@ -100,7 +110,7 @@ def check_kvm(cache_dir: Path) -> Check:
             cache.write_text(json.dumps({"ok": ok, "reason": reason}))
         except OSError:
             pass
-    first = reason.splitlines()[0] if reason else ""
+    first = one_line(reason)
     if ok:
         return Check(name, True, f"{first} ({how}, image {img.key[:12]})", required=False)
     return Check(name, False, f"not usable for a stock kernel: {first} ({how}, image {img.key[:12]}); "
@@ -245,13 +255,62 @@ def check_memory() -> Check:
 
 
 def check_tool(tool: str, package: str, why: str, required: bool) -> Check:
-    exe = shutil.which(tool)
+    from .rootfs import find_tool
+
+    exe = find_tool(tool)
     if exe is None:
         return Check(tool, False, f"{tool} not found on PATH ({why})", f"apt-get install {package}", required)
     return Check(tool, True, exe, required=required)
 
 
-def diagnose(cache_dir: Path | str | None = None) -> list[Check]:
+def _username() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def check_build_mode(requested: str = "auto") -> Check:
+    """Which mmdebstrap mode builds the guest root for this user, or the fix."""
+    from . import rootfs
+    from .errors import VMForkError
+
+    name = "image build (mmdebstrap)"
+    try:
+        mode = rootfs.choose_mode(requested)
+    except VMForkError as exc:
+        return Check(name, False, str(exc).split(";")[0], str(exc).partition(";")[2].strip() or
+                     "apt-get install mmdebstrap uidmap fakechroot fakeroot")
+    problems = rootfs.extract_problems(os.geteuid() == 0)
+    if problems:
+        return Check(name, False, f"{mode.name} mode, but writing the root filesystem needs: "
+                     + "; ".join(problems), "; ".join(p.split(": ", 1)[-1] for p in problems))
+    detail = f"{mode.name} mode as {_username()} ({mode.reason})"
+    if mode.name == "fakechroot":
+        hint = rootfs.unshare_problems()
+        return Check(name, True, detail + "; unshare mode would be sturdier: " + "; ".join(hint))
+    return Check(name, True, detail)
+
+
+def check_apt_sources(setting: str | None = None) -> Check:
+    """The guest's Debian sources resolve (the host's bookworm entries or vmfork_apt_sources)."""
+    from . import aptsources
+    from .errors import ConfigError
+
+    name = "apt sources"
+    try:
+        apt = aptsources.resolve(setting)
+    except ConfigError as exc:
+        return Check(name, False, str(exc).split(";")[0],
+                     f"set vmfork_apt_sources, e.g. {aptsources.EXAMPLE!r}")
+    return Check(name, True, f"{len(apt.sources)} source(s) from {apt.origin}: {apt.sources[0]}"
+                 + (f" (+{len(apt.sources) - 1})" if len(apt.sources) > 1 else ""))
+
+
+def diagnose(cache_dir: Path | str | None = None, *, apt_sources: str | None = None,
+             build_mode: str = "auto") -> list[Check]:
     """Every check, in order; nothing is built or left behind."""
     from .config import default_cache_dir
 
@@ -265,10 +324,8 @@ def diagnose(cache_dir: Path | str | None = None) -> list[Check]:
         _guard("setpriv (PDEATHSIG)", True, check_setpriv),
         _guard("disk space", True, lambda: check_disk(cache)),
         _guard("memory", True, check_memory),
-        _guard("mke2fs", True, lambda: check_tool(
-            "mke2fs", "e2fsprogs", "builds the guest root filesystem", True)),
-        _guard("apt-get", True, lambda: check_tool(
-            "apt-get", "apt", "downloads the guest's Debian packages", True)),
+        _guard("image build (mmdebstrap)", True, lambda: check_build_mode(build_mode)),
+        _guard("apt sources", True, lambda: check_apt_sources(apt_sources)),
         _guard("lz4", False, lambda: check_tool(
             "lz4", "lz4", "unpacks lz4-compressed kernels for a fast boot; without it the bzImage boots",
             False)),

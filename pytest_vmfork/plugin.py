@@ -161,10 +161,12 @@ class VMForkSession:
             raise ConfigError(
                 f"vmfork_template must return a pytest_vmfork.Template, got {type(template).__name__}"
             )
+        build = self.settings.build
         store = SnapshotStore(
             self.settings.cache_dir,
-            accel=resolve_accel(self.settings.accel, self.settings.cache_dir, template, self.progress),
+            accel=resolve_accel(self.settings.accel, self.settings.cache_dir, template, self.progress, build),
             progress=self.progress,
+            build=build,
         )
         snap = store.get(template, run=self.run, rebuild=self.settings.rebuild)
         self.snapshots.append(snap)

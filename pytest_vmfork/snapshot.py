@@ -35,7 +35,7 @@ from .agent import AgentClient
 from .errors import BuildError, ConfigError, VMForkError
 from .run import Run
 from .template import Template
-from .vmm import MachineSpec, QemuProcess, qemu_version
+from .vmm import MachineSpec, QemuProcess, cpu_fingerprint, machine_type, qemu_version
 
 Progress = Callable[[str], None]
 MANIFEST = "manifest.json"
@@ -78,9 +78,9 @@ class Snapshot:
             raise BuildError(f"snapshot {directory} is damaged: {'; '.join(problems)}")
         m = manifest["machine"]
         machine = MachineSpec(
-            kernel=Path(m["kernel"]),
-            initrd=Path(m["initrd"]),
-            rootfs=Path(m["rootfs"]),
+            kernel=entry_path(directory, m["kernel"]),
+            initrd=entry_path(directory, m["initrd"]),
+            rootfs=entry_path(directory, m["rootfs"]),
             cmdline=m["cmdline"],
             memory_mib=m["memory_mib"],
             vcpus=m["vcpus"],
@@ -109,11 +109,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
-    """Cheap integrity checks: sizes, the device state's checksum, mailbox markers."""
+def verify_files(directory: Path, manifest: dict[str, Any], *, memory_dir: Path | None = None) -> list[str]:
+    """Cheap integrity checks: sizes, the device state's checksum, mailbox markers, image files.
+
+    ``memory_dir`` holds the entry's own files when they are still staged elsewhere
+    (paths in the manifest stay relative to ``directory``, the final entry)."""
     problems = []
+    own = memory_dir or directory
     for name, meta in manifest.get("files", {}).items():
-        path = directory / name
+        path = own / name
         try:
             size = path.stat().st_size
         except OSError:
@@ -125,15 +129,39 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
             problems.append(f"{name} checksum mismatch")
     if not problems:
         nonce = bytes.fromhex(manifest["nonce"])
-        with open(directory / "memory.ram", "rb") as f:
+        with open(own / "memory.ram", "rb") as f:
             for name, off in manifest["offsets"].items():
                 f.seek(int(off))
                 if f.read(len(mbx.marker(name, nonce, mbx.PAGE_SIZE))) != mbx.marker(name, nonce, mbx.PAGE_SIZE):
                     problems.append(f"mailbox {name!r} marker not found at offset {off}")
     for part in ("kernel", "initrd", "rootfs"):
-        if not Path(manifest["machine"][part]).exists():
-            problems.append(f"image file {manifest['machine'][part]} is missing")
+        rel = manifest["machine"][part]
+        if os.path.isabs(rel):
+            problems.append(f"{part} path {rel} is absolute (made by an older pytest-vmfork)")
+        elif not entry_path(directory, rel).exists():
+            problems.append(f"image file {rel} is missing")
     return problems
+
+
+def entry_path(directory: Path, rel: str) -> Path:
+    """A manifest path, relative to its cache entry, as a path on this host."""
+    return Path(os.path.normpath(directory / rel))
+
+
+def incompatibility(manifest: dict[str, Any], accel: str) -> str:
+    """Why a (verified) cached snapshot cannot be restored by this host's QEMU, or "".
+
+    The device state is only loadable by the QEMU version and machine type that
+    saved it; under KVM the guest also saw this host's CPU model. A cache restored
+    from another machine or copied from another user is checked here, so a mismatch
+    is a rebuild with a reason, never a failed restore.
+    """
+    here = {"qemu": qemu_version(), "machine_type": machine_type(), "cpu": cpu_fingerprint(accel)}
+    for field_, now in here.items():
+        then = manifest.get(field_)
+        if then != now:
+            return f"made with {field_} {then or '(not recorded)'}, this host has {now}"
+    return ""
 
 
 def ram_offset(gpa: int, memory_bytes: int) -> int:
@@ -158,6 +186,7 @@ class SnapshotStore:
     cache_dir: Path
     accel: str = "tcg"
     progress: Progress = field(default=lambda msg: None)
+    build: image_mod.BuildOptions = field(default_factory=image_mod.BuildOptions)
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()  # a str from os.environ works too
@@ -186,19 +215,22 @@ class SnapshotStore:
                     self.progress(f"vmfork: discarding damaged snapshot {key}: {exc}")
                     shutil.rmtree(final, ignore_errors=True)
                 else:
-                    if not rebuild or snap.manifest.get("run_id") == run.run_id:
+                    why = incompatibility(snap.manifest, self.accel)
+                    if why:
+                        self.progress(f"vmfork: cached snapshot {key} does not fit this host ({why}); rebuilding")
+                    elif not rebuild or snap.manifest.get("run_id") == run.run_id:
                         return snap
             return self._build(template, key, final, run)
 
     def _build(self, template: Template, key: str, final: Path, run: Run) -> Snapshot:
         t0 = time.monotonic()
-        self.progress("vmfork: building guest image (first run only; cached by content)")
-        img = image_mod.build_image(template.image_spec(), self.cache_dir, progress=self.progress)
+        img = image_mod.build_image(template.image_spec(), self.cache_dir, progress=self.progress,
+                                    options=self.build)
         staging = final.parent / f".staging-{key}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            manifest = self._boot_and_save(template, img, key, staging, run, t0)
+            manifest = self._boot_and_save(template, img, key, staging, final, run, t0)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
             if final.exists():
                 trash = final.parent / f".trash-{key}-{os.getpid()}"
@@ -215,7 +247,7 @@ class SnapshotStore:
         return snap
 
     def _boot_and_save(
-        self, template: Template, img: Any, key: str, staging: Path, run: Run, t0: float
+        self, template: Template, img: Any, key: str, staging: Path, final_dir: Path, run: Run, t0: float
     ) -> dict[str, Any]:
         extra = f" vmfork.mailboxes={','.join(template.mailboxes)}" if template.mailboxes else ""
         machine = MachineSpec(
@@ -290,10 +322,10 @@ class SnapshotStore:
             "key": key,
             "run_id": run.run_id,
             "created": time.time(),
-            "machine": {
-                "kernel": str(machine.kernel),
-                "initrd": str(machine.initrd),
-                "rootfs": str(machine.rootfs),
+            "machine": {  # relative to this entry: a copied or restored cache still resolves
+                "kernel": os.path.relpath(machine.kernel, final_dir),
+                "initrd": os.path.relpath(machine.initrd, final_dir),
+                "rootfs": os.path.relpath(machine.rootfs, final_dir),
                 "cmdline": machine.cmdline,
                 "memory_mib": machine.memory_mib,
                 "vcpus": machine.vcpus,
@@ -301,6 +333,8 @@ class SnapshotStore:
             },
             "image_key": img.key,
             "qemu": qemu_version(),
+            "machine_type": machine_type(),
+            "cpu": cpu_fingerprint(self.accel),
             "agent_version": desc.agent_version,
             "kernel_release": desc.kernel_release,
             "nonce": desc.nonce.hex(),
@@ -314,7 +348,7 @@ class SnapshotStore:
             "boot_s": round(boot_s, 3),
             "build_s": round(time.monotonic() - t0, 3),
         }
-        problems = verify_files(staging, manifest)
+        problems = verify_files(final_dir, manifest, memory_dir=staging)
         if problems:
             raise BuildError(f"template {name}: snapshot failed verification: {'; '.join(problems)}")
         return manifest

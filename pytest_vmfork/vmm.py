@@ -21,7 +21,10 @@ restore or a client reconnect.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -108,6 +111,7 @@ class MachineSpec:
         return argv
 
 
+@functools.lru_cache(maxsize=None)
 def qemu_version() -> str:
     """QEMU's version string, part of the snapshot key (device state format)."""
     exe = shutil.which(QEMU_BINARY)
@@ -118,6 +122,34 @@ def qemu_version() -> str:
         )
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
     return out.stdout.splitlines()[0].strip()
+
+
+@functools.lru_cache(maxsize=None)
+def machine_type() -> str:
+    """The versioned machine type ``q35`` stands for in this QEMU (e.g. ``pc-q35-7.2``):
+    device state saved under one machine type loads only under the same one."""
+    exe = shutil.which(QEMU_BINARY) or QEMU_BINARY
+    out = subprocess.run([exe, "-machine", "help"], capture_output=True, text=True, check=False).stdout
+    m = re.search(r"^q35\s.*\(alias of (\S+)\)", out, re.MULTILINE)
+    return m[1] if m else "q35"
+
+
+def cpu_fingerprint(accel: str) -> str:
+    """What the guest saw of the CPU: fixed per QEMU version under TCG (``-cpu max``),
+    the host's model and flags under KVM (``-cpu max`` passes them through)."""
+    if accel != "kvm":
+        return "tcg-max"
+    model, flags = "", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return f"kvm:{model}:{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
 
 @dataclass

@@ -493,7 +493,7 @@ def test_doctor_reports_each_check_and_an_overall_verdict(tmp_path, capsys):
     names = [c.name for c in checks]
     for want in ("qemu", "kvm", "tun device", "bridge + TAP (CAP_NET_ADMIN)",
                  "/proc/<pid>/mem write (ptrace)", "setpriv (PDEATHSIG)", "disk space", "memory",
-                 "mke2fs", "apt-get", "lz4"):
+                 "image build (mmdebstrap)", "apt sources", "lz4"):
         assert want in names
     kvm = checks[names.index("kvm")]
     assert not kvm.ok and not kvm.required and "unknown until an image is built" in kvm.detail

@@ -189,7 +189,7 @@ def test_forks_of_one_run_reach_each_other_by_ip(vm_factory):
     tag, peer, data = parse_reply(res.stdout)
     assert (tag, peer, data) == (b.name, a.ip, f"from-{a.name}".encode())
     # and the other way round, with ICMP (busybox ping in the guest)
-    ping = b.exec(["ping", "-c", "2", "-W", "5", a.ip], timeout=30)
+    ping = b.exec(["busybox", "ping", "-c", "2", "-W", "5", a.ip], timeout=30)
     assert ping.returncode == 0 and b" 0% packet loss" in ping.stdout, ping.stdout + ping.stderr
 
 
