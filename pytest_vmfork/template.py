@@ -23,7 +23,7 @@ FileContent = Union[bytes, str, Path]
 Command = Union[str, Sequence[str]]
 
 #: Bumped whenever the boot or snapshot procedure changes what a snapshot holds.
-SNAPSHOT_RECIPE = "2"
+SNAPSHOT_RECIPE = "3"  # 3: manifest paths relative to the entry, QEMU machine type + CPU recorded
 
 
 @dataclass(frozen=True)

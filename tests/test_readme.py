@@ -1,0 +1,90 @@
+"""Every example in README.md runs, exactly as written.
+
+An example is a fenced block right after a line ``<!-- example: NAME -->``; its first
+line is a comment naming its file (``# conftest.py``, ``# test_x.py``, ``# script.py``)
+or ``# shell`` for commands. Blocks sharing a NAME form one project in a fresh
+directory: its test files run as one pytest session (real VMs), then its scripts and
+shell lines, each of which must exit 0. A project without a conftest.py of its own
+gets the one of the ``project`` example, as the README's text says.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.plugin.suites import finish
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+BLOCK = re.compile(r"^<!-- example: (?P<name>[\w-]+) -->\n```(?P<lang>\w*)\n(?P<body>.*?)^```$",
+                   re.MULTILINE | re.DOTALL)
+BIN = Path(sys.executable).parent
+TIMEOUT_S = 1500.0
+
+
+def examples() -> dict[str, list[tuple[str, str]]]:
+    """NAME -> [(file name or "shell", text)] in README order."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for m in BLOCK.finditer(README.read_text()):
+        first, _, rest = m["body"].partition("\n")
+        label = first.removeprefix("#").strip()
+        assert first.startswith("# ") and label, f"example {m['name']!r}: first line must name its file: {first!r}"
+        found.setdefault(m["name"], []).append((label, rest if label == "shell" else m["body"]))
+    return found
+
+
+EXAMPLES = examples()
+
+
+def test_readme_has_examples_and_every_one_names_a_known_kind() -> None:
+    assert {"intro", "project", "mailboxes", "script"} <= set(EXAMPLES)
+    for name, blocks in EXAMPLES.items():
+        for label, _ in blocks:
+            assert label == "shell" or re.fullmatch(r"[\w.-]+\.py", label), (name, label)
+
+
+def test_the_project_example_is_the_user_project_ci_runs_as_a_non_root_user() -> None:
+    files = {label: text for label, text in EXAMPLES["project"] if label != "shell"}
+    assert set(files) == {"conftest.py", "test_service.py"}
+    for label, text in files.items():  # the same text but for the line naming the file
+        assert (REPO / "fixtures/userproject" / label).read_text() == text.partition("\n")[2], label
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_readme_example_runs_as_written(name: str, tmp_path: Path) -> None:
+    blocks = EXAMPLES[name]
+    files = {label: text for label, text in blocks if label != "shell"}
+    if "conftest.py" not in files and any(label.startswith("test_") for label in files):
+        files["conftest.py"] = dict(EXAMPLES["project"])["conftest.py"]
+    for label, text in files.items():
+        (tmp_path / label).write_text(text)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    env.pop("PYTEST_ADDOPTS", None)
+    if any(label.startswith("test_") for label in files):
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "0"],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        code, out = finish(proc, TIMEOUT_S)
+        assert code == 0, f"README example {name!r} failed:\n{out[-6000:]}"
+        assert re.search(r"\d+ passed", out) and "failed" not in out.splitlines()[-1], out[-3000:]
+    for label, text in blocks:
+        if label.endswith(".py") and not label.startswith("test_") and label != "conftest.py":
+            commands = [[sys.executable, label]]
+        elif label == "shell":
+            commands = [shlex.split(line) for line in text.splitlines() if line.strip()]
+        else:
+            continue
+        for argv in commands:
+            proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            code, out = finish(proc, TIMEOUT_S)
+            assert code == 0, f"README example {name!r}: {shlex.join(argv)} exited {code}:\n{out[-4000:]}"
