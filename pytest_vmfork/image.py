@@ -274,6 +274,15 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
     progress(f"vmfork: building guest image {key[:12]} (Debian {aptsources.GUEST_SUITE} by mmdebstrap, "
              f"{mode.name} mode; packages: {', '.join(spec.packages) or 'base only'})")
 
+    stages: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def stage(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        stages[name] = round(now - mark, 1)
+        mark = now
+
     wheels = host_wheel_versions()
     site = work / "site"
     _install_wheels(wheels, cache_dir / "wheels", site)
@@ -281,11 +290,11 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
     rootfs.write_overlay(guest_overlay(spec, site), overlay)
     hook = work / "fetch-kernel.sh"
     hook.write_bytes(guest["fetch-kernel.sh"])
+    stage("wheels_and_overlay")
 
-    t_strap = time.monotonic()
     tar_path, kout = rootfs.build_tarball(packages=spec.packages, mode=mode, apt=apt, overlay=overlay,
                                           kernel_hook=hook, kernel_flavour=spec.kernel_flavour, work=work)
-    strap_s = time.monotonic() - t_strap
+    stage("mmdebstrap")
 
     used, entries, versions = rootfs.tar_stats(tar_path)
     progress(f"vmfork: writing ext4 root ({used // _MiB} MiB of files, {len(versions)} packages)")
@@ -294,6 +303,7 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
     root = work / "root"
     rootfs.tarball_to_ext4(tar_path, root, out / IMAGE_FILES["rootfs"], size=size,
                            inodes=entries * 5 // 4 + 1024, uuid=uuid)
+    stage("ext4")
 
     kpkg, _, kversion = (kout / "info").read_text().strip().partition(" ")
     kdir = work / "kernel-files"
@@ -304,8 +314,10 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
     pvh = "CONFIG_PVH=y" in (kdir / f"boot/config-{release}").read_text().split()
     if pvh and (vmlinux := kernel.extract_vmlinux(bzimage)):
         (out / PVH_KERNEL).write_bytes(vmlinux)
+    stage("kernel")
     order = kernel.build_initramfs(root / "bin/busybox", guest["initramfs-init.sh"],
                                    kdir / "lib/modules" / release, out / IMAGE_FILES["initrd"])
+    stage("initramfs")
 
     manifest: dict[str, Any] = {
         "key": key, "recipe_version": RECIPE_VERSION, "spec": spec.describe(),
@@ -313,15 +325,15 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
         "kernel": {"package": kpkg, "version": kversion, "release": release, "modules": order},
         "debs": versions, "wheels": wheels,
         "files": {n: (out / n).stat().st_size for n in [*IMAGE_FILES.values(), PVH_KERNEL] if (out / n).exists()},
-        "root_content_bytes": used, "mmdebstrap_seconds": round(strap_s, 1),
+        "root_content_bytes": used, "stage_seconds": stages,
         "build_seconds": round(time.monotonic() - start, 1),
     }
     _rmtree(work)
     for name in manifest["files"]:  # shared by every VM: guard against accidental writes
         (out / name).chmod(0o444)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    progress(f"vmfork: image {key[:12]} built in {manifest['build_seconds']} s "
-             f"(mmdebstrap {manifest['mmdebstrap_seconds']} s, {mode.name} mode)")
+    progress(f"vmfork: image {key[:12]} built in {manifest['build_seconds']} s, {mode.name} mode ("
+             + ", ".join(f"{k} {v} s" for k, v in stages.items()) + ")")
 
 
 def _install_wheels(versions: Mapping[str, str], wheel_dir: Path, target: Path) -> None:
