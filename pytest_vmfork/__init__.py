@@ -2,10 +2,9 @@
 
 Library use, without pytest::
 
-    from pytest_vmfork import Template, SnapshotStore, Run, fork
+    from pytest_vmfork import Template, fork, snapshot_for
 
-    store = SnapshotStore(cache_dir)
-    snap = store.get(Template(), run=Run())
+    snap = snapshot_for(Template(packages=["jq"]))  # cached, or booted once now
     with fork(snap) as vm:
         print(vm.exec(["uname", "-r"]).stdout)
 """
@@ -25,6 +24,7 @@ from .errors import (
 from .fork import VM, MailboxPayload, fork
 from .network import RunNetwork
 from .pool import WarmPool
+from .registry import snapshot_for
 from .run import Run
 from .snapshot import Snapshot, SnapshotStore
 from .template import Template
@@ -50,5 +50,6 @@ __all__ = [
     "VMForkError",
     "WarmPool",
     "fork",
+    "snapshot_for",
 ]
 __version__ = "0.1.0"

@@ -55,6 +55,7 @@ NAME_MAX = 64
 DEFAULT_SIZE = PAGE_SIZE
 MAX_SIZE = 1024 * 1024
 MAX_MAILBOXES = 16  # per fork, user mailboxes
+MAX_TEMPLATE_MAILBOXES = 64  # declared per template (each is one mlock'ed guest page)
 SYSTEM_MAILBOX = "vmfork"  # built-in: entropy, clock, network handoff
 RESERVED_PREFIX = "vmfork"
 

@@ -11,19 +11,19 @@ import shutil
 import signal
 import statistics
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
-from .accel import resolve_accel
 from .config import OPTIONS, Settings
 from .errors import ConfigError
 from .gc import gc_at_session_start
 from .fork import VM, MailboxPayload, Network, fork
 from .pool import WarmPool
 from .network import RunNetwork, has_net_admin
+from .registry import SnapshotRegistry
 from .run import Run, base_dir, new_run_id
-from .snapshot import Snapshot, SnapshotStore
+from .snapshot import Snapshot
 from .template import Template
 
 SESSION_KEY = pytest.StashKey["VMForkSession"]()
@@ -106,8 +106,13 @@ class VMForkSession:
         self.config = config
         self.settings = settings
         self.run = run
-        self.snapshots: list[Snapshot] = []
+        self.registry = SnapshotRegistry(
+            settings.cache_dir, run=run, accel=settings.accel, rebuild=settings.rebuild, progress=self.progress,
+            build=settings.build,
+        )
+        self.foreign: dict[str, Snapshot] = {}  # every snapshot forked from, by key (vm_factory(snapshot=) too)
         self.restore_ms: list[float] = []
+        self.restore_by_key: dict[str, list[float]] = {}
         self.forks = 0
         self.live: set[VM] = set()
         self.handoff_paths: dict[str, int] = {}
@@ -157,20 +162,8 @@ class VMForkSession:
             reporter.write_line(message)
 
     def snapshot(self, template: Template) -> Snapshot:
-        if not isinstance(template, Template):
-            raise ConfigError(
-                f"vmfork_template must return a pytest_vmfork.Template, got {type(template).__name__}"
-            )
-        build = self.settings.build
-        store = SnapshotStore(
-            self.settings.cache_dir,
-            accel=resolve_accel(self.settings.accel, self.settings.cache_dir, template, self.progress, build),
-            progress=self.progress,
-            build=build,
-        )
-        snap = store.get(template, run=self.run, rebuild=self.settings.rebuild)
-        self.snapshots.append(snap)
-        return snap
+        """``template``'s snapshot: looked up (or booted) once per process, then memoized."""
+        return self.registry.get(template)
 
     def fork(self, snapshot: Snapshot, mailboxes: dict[str, Any] | None = None) -> VM:
         network = self.network()
@@ -188,6 +181,8 @@ class VMForkSession:
             self.pools[snapshot.key] = WarmPool(snapshot, self.run, network, self.settings.pool_size)
         self.forks += 1
         self.restore_ms.append(vm.timings["restore_to_healthy_ms"])
+        self.restore_by_key.setdefault(snapshot.key, []).append(vm.timings["restore_to_healthy_ms"])
+        self.foreign.setdefault(snapshot.key, snapshot)  # the registry's own are dropped in stats()
         path = vm.timings.get("handoff_path")
         if path:
             self.handoff_paths[path] = self.handoff_paths.get(path, 0) + 1
@@ -222,16 +217,25 @@ class VMForkSession:
             self.run.remove()
 
     def stats(self) -> dict[str, Any]:
+        entries = self.registry.entries()
+        known = {e.snapshot.key for e in entries}
         return {
             "forks": self.forks,
             "restore_ms": self.restore_ms,
             "handoff_paths": self.handoff_paths,
             "messages": self.messages,
             "snapshots": [
-                {"key": s.key, "cache_hit": s.cache_hit, "build_s": s.build_s, "boot_s": s.boot_s}
-                for s in self.snapshots
+                self._snapshot_stats(e.snapshot, e.description) for e in entries
+            ] + [
+                self._snapshot_stats(s, f"{s.machine.memory_mib} MiB, {s.machine.vcpus} vCPU, "
+                                        f"{len(s.mailboxes)} mailboxes (a Snapshot given to vm_factory)")
+                for key, s in self.foreign.items() if key not in known
             ],
         }
+
+    def _snapshot_stats(self, snap: Snapshot, template: str) -> dict[str, Any]:
+        return {"key": snap.key, "template": template, "cache_hit": snap.cache_hit, "build_s": snap.build_s,
+                "boot_s": snap.boot_s, "restore_ms": self.restore_by_key.get(snap.key, [])}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -258,9 +262,20 @@ def vmfork_template() -> Template:
 
 
 @pytest.fixture(scope="session")
+def vmfork_snapshots(request: pytest.FixtureRequest) -> Callable[[Template], Snapshot]:
+    """``vmfork_snapshots(template) -> Snapshot``: any template's snapshot, for
+    fixtures of any scope (a session-scoped one cannot use ``vmfork_snapshot``).
+    Each distinct template is booted at most once per run, then memoized."""
+    return _session(request).snapshot
+
+
+@pytest.fixture
 def vmfork_snapshot(request: pytest.FixtureRequest, vmfork_template: Template) -> Snapshot:
-    """The template's snapshot: booted once per run (once across xdist workers)
-    and reused from the cache across runs while nothing that shapes the guest changed.
+    """The snapshot of the ``vmfork_template`` this test sees (the closest override:
+    class, module, conftest.py, plugin). Function-scoped so that an override of
+    any scope works; the lookup is memoized, so it is free after the first.
+    Booted once per run (once across xdist workers) and reused from the cache
+    across runs while nothing that shapes the guest changed.
     ``vmfork_snapshot.mailboxes`` lists the mailboxes forks can receive."""
     return _session(request).snapshot(vmfork_template)
 
@@ -280,25 +295,40 @@ def vm(request: pytest.FixtureRequest, vmfork_snapshot: Snapshot) -> Iterator[VM
 
 
 class VMFactory:
-    """Fork any number of VMs in one test: ``vm_factory()`` or ``vm_factory(mailboxes={...})``."""
+    """Fork any number of VMs in one test: ``vm_factory()``, ``vm_factory(mailboxes={...})``,
+    ``vm_factory(template=Template(...))`` or ``vm_factory(snapshot=...)``."""
 
-    def __init__(self, session: VMForkSession, snapshot: Snapshot, node: pytest.Item) -> None:
+    def __init__(self, session: VMForkSession, default: Callable[[], Snapshot], node: pytest.Item) -> None:
         self._session = session
-        self._snapshot = snapshot
+        self._default = default  # this test's vmfork_snapshot, looked up on first use only
         self._node = node
         self.vms: list[VM] = []
 
-    def __call__(self, *, mailboxes: dict[str, Any] | None = None, snapshot: Snapshot | None = None) -> VM:
-        machine = self._session.fork(snapshot or self._snapshot, mailboxes)
+    def __call__(
+        self,
+        *,
+        mailboxes: dict[str, Any] | None = None,
+        snapshot: Snapshot | None = None,
+        template: Template | None = None,
+    ) -> VM:
+        if snapshot is not None and template is not None:
+            raise ConfigError("vm_factory: give template= or snapshot=, not both")
+        if snapshot is not None and not isinstance(snapshot, Snapshot):
+            raise ConfigError(f"vm_factory: snapshot= must be a pytest_vmfork.Snapshot, got {type(snapshot).__name__}")
+        if template is not None:
+            snapshot = self._session.snapshot(template)
+        machine = self._session.fork(snapshot or self._default(), mailboxes)
         self.vms.append(machine)
         self._node.stash.setdefault(ITEM_VMS, []).append(machine)
         return machine
 
 
 @pytest.fixture
-def vm_factory(request: pytest.FixtureRequest, vmfork_snapshot: Snapshot) -> Iterator[VMFactory]:
-    """A callable that forks a new VM per call; every VM it made is torn down after the test."""
-    factory = VMFactory(_session(request), vmfork_snapshot, request.node)
+def vm_factory(request: pytest.FixtureRequest) -> Iterator[VMFactory]:
+    """A callable that forks a new VM per call; every VM it made is torn down after the test.
+    Without ``template=``/``snapshot=`` it forks this test's ``vmfork_snapshot``, which is
+    only looked up then: a test that names its own template never boots the default."""
+    factory = VMFactory(_session(request), lambda: request.getfixturevalue("vmfork_snapshot"), request.node)
     yield factory
     failed = _failed(request.node)
     for machine in factory.vms:
@@ -344,6 +374,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def _percentiles(ms: list[float]) -> tuple[float, float, float]:
+    """p50, p95 (nearest rank) and max of a non-empty list."""
+    ms = sorted(ms)
+    return statistics.median(ms), ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))], ms[-1]
+
+
+def merge_snapshot_stats(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per snapshot key from every process's reports (xdist workers):
+    forks pooled, and built if any process built it (the others then waited
+    on its lock and loaded it); ``builds`` counts the processes that booted it."""
+    merged: dict[str, dict[str, Any]] = {}
+    for snap in reports:
+        built = not snap["cache_hit"]
+        have = merged.get(snap["key"])
+        if have is None:
+            merged[snap["key"]] = {**snap, "restore_ms": list(snap.get("restore_ms", [])), "builds": int(built)}
+            continue
+        have["restore_ms"] += snap.get("restore_ms", [])
+        have["builds"] += built
+        if built and have["cache_hit"]:
+            have.update(cache_hit=False, build_s=snap["build_s"], boot_s=snap["boot_s"])
+    return sorted(merged.values(), key=lambda s: (s["cache_hit"], s["key"]))
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
@@ -362,26 +416,29 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.section("vmfork summary")
     for message in dict.fromkeys(worker_messages):  # what workers could not print, once each
         write(message)
-    seen = set()
-    for snap in sorted(stats["snapshots"], key=lambda s: s["cache_hit"]):  # a build beats a hit
-        if snap["key"] in seen:
-            continue
-        seen.add(snap["key"])
+    snapshots = merge_snapshot_stats(stats["snapshots"])
+    for snap in snapshots:
         if snap["cache_hit"]:
             write(f"snapshot {snap['key']}: cache hit (no template boot)")
         else:
-            write(f"snapshot {snap['key']}: built in {snap['build_s']:.1f}s (template cold boot {snap['boot_s']:.1f}s)")
-    ms = sorted(stats["restore_ms"])
-    if ms:
-        p50 = statistics.median(ms)
-        p95 = ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
-        write(f"forks: {len(ms)}  restore-to-healthy p50 {p50:.0f} ms  p95 {p95:.0f} ms  max {ms[-1]:.0f} ms")
+            again = f"; booted by {snap['builds']} processes" if snap["builds"] > 1 else ""
+            write(f"snapshot {snap['key']}: built in {snap['build_s']:.1f}s "
+                  f"(template cold boot {snap['boot_s']:.1f}s){again}")
+        write(f"  template: {snap.get('template') or '?'}")
+        if snap["restore_ms"]:
+            p50, p95, _ = _percentiles(snap["restore_ms"])
+            write(f"  {len(snap['restore_ms'])} forks, restore-to-healthy p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+        else:
+            write("  no forks")
+    if stats["restore_ms"]:
+        p50, p95, top = _percentiles(stats["restore_ms"])
+        write(f"forks: {len(stats['restore_ms'])}  restore-to-healthy p50 {p50:.0f} ms  p95 {p95:.0f} ms  max {top:.0f} ms")
         paths = stats["handoff_paths"]
         if paths:
             fallback = paths.get("grpc-fallback", 0)
             write(f"network handoff: {paths.get('ack', 0)} by guest ack, {fallback} by gRPC fallback"
                   + ("  <-- the guest's UDP ack did not arrive in time; see vm.timings" if fallback else ""))
-        boot = [s["boot_s"] for s in stats["snapshots"] if s["boot_s"]]
+        boot = [s["boot_s"] for s in snapshots if s["boot_s"]]
         if boot:
             write(f"cold boot / fork restore (p50): {max(boot) * 1000 / p50:.0f}x")
 

@@ -249,12 +249,11 @@ class SnapshotStore:
     def _boot_and_save(
         self, template: Template, img: Any, key: str, staging: Path, final_dir: Path, run: Run, t0: float
     ) -> dict[str, Any]:
-        extra = f" vmfork.mailboxes={','.join(template.mailboxes)}" if template.mailboxes else ""
         machine = MachineSpec(
             kernel=img.kernel,
             initrd=img.initrd,
             rootfs=img.rootfs,
-            cmdline=image_mod.KERNEL_CMDLINE + extra,
+            cmdline=template.kernel_cmdline(),
             memory_mib=template.memory_mib,
             vcpus=template.vcpus,
             accel=self.accel,

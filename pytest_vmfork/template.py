@@ -17,10 +17,16 @@ from typing import Mapping, Sequence, Union
 
 from . import mailbox as mbx
 from .errors import ConfigError
-from .image import ImageSpec
+from .image import KERNEL_CMDLINE, ImageSpec
 
 FileContent = Union[bytes, str, Path]
 Command = Union[str, Sequence[str]]
+
+#: x86 Linux keeps at most this many bytes of its command line, NUL included
+#: (COMMAND_LINE_SIZE; the bzImage header's cmdline_size is one less). The
+#: agent learns the template's mailbox names from that line, so they must fit.
+KERNEL_COMMAND_LINE_SIZE = 2048
+MAILBOXES_PARAM = "vmfork.mailboxes="
 
 #: Bumped whenever the boot or snapshot procedure changes what a snapshot holds.
 SNAPSHOT_RECIPE = "3"  # 3: manifest paths relative to the entry, QEMU machine type + CPU recorded
@@ -100,11 +106,19 @@ class Template:
                 raise ConfigError(f"Template mailboxes: {exc}") from exc
         if len(set(names)) != len(names):
             raise ConfigError(f"Template mailboxes: duplicate names in {list(names)}")
-        if len(names) > mbx.MAX_MAILBOXES:
+        if len(names) > mbx.MAX_TEMPLATE_MAILBOXES:
             raise ConfigError(
-                f"Template mailboxes: {len(names)} declared, at most {mbx.MAX_MAILBOXES} per template"
+                f"Template mailboxes: {len(names)} declared, at most {mbx.MAX_TEMPLATE_MAILBOXES} per template"
             )
         fix("mailboxes", names)
+        line = len(self.kernel_cmdline().encode())
+        if line >= KERNEL_COMMAND_LINE_SIZE:
+            room = KERNEL_COMMAND_LINE_SIZE - 1 - len(KERNEL_CMDLINE) - len(" " + MAILBOXES_PARAM)
+            raise ConfigError(
+                f"Template mailboxes: the {len(names)} names take {len(','.join(names))} characters "
+                f"({MAILBOXES_PARAM}a,b,...) on the guest kernel command line, which has room for {room}; "
+                "use shorter names or fewer mailboxes"
+            )
         if isinstance(self.guest_acked_mailboxes, str):
             raise ConfigError("Template guest_acked_mailboxes must be a list of names, not one string")
         acked = tuple(self.guest_acked_mailboxes)
@@ -120,6 +134,29 @@ class Template:
             self.image_spec()
         except ValueError as exc:
             raise ConfigError(f"Template: {exc}") from exc
+
+    def kernel_cmdline(self) -> str:
+        """The template's guest kernel command line: the image's, plus the mailbox
+        names the agent registers (one mlock'ed page each) when it starts."""
+        if not self.mailboxes:
+            return KERNEL_CMDLINE
+        return f"{KERNEL_CMDLINE} {MAILBOXES_PARAM}{','.join(self.mailboxes)}"
+
+    def describe(self) -> str:
+        """A short human description for the run summary: what tells templates apart."""
+        parts = [f"{self.memory_mib} MiB", f"{self.vcpus} vCPU"]
+        if self.kernel_flavour != "amd64":
+            parts.append(self.kernel_flavour)
+        if self.packages:
+            parts.append("packages " + " ".join(self.packages))
+        if self.files:
+            shown = ", ".join(list(self.files)[:3]) + (", ..." if len(self.files) > 3 else "")
+            parts.append(f"files {shown}")
+        if self.warmup:
+            parts.append(f"{len(self.warmup)} warm-up")
+        if self.mailboxes:
+            parts.append(f"{len(self.mailboxes)} mailbox" + ("es" if len(self.mailboxes) > 1 else ""))
+        return ", ".join(parts)
 
     def image_spec(self) -> ImageSpec:
         return ImageSpec(

@@ -47,7 +47,7 @@ def test_readme_has_examples_and_every_one_names_a_known_kind() -> None:
     assert {"intro", "project", "mailboxes", "script"} <= set(EXAMPLES)
     for name, blocks in EXAMPLES.items():
         for label, _ in blocks:
-            assert label == "shell" or re.fullmatch(r"[\w.-]+\.py", label), (name, label)
+            assert label == "shell" or re.fullmatch(r"[\w-]+(/[\w-]+)*\.py", label), (name, label)
 
 
 def test_the_project_example_is_the_user_project_ci_runs_as_a_non_root_user() -> None:
@@ -62,14 +62,16 @@ def test_the_project_example_is_the_user_project_ci_runs_as_a_non_root_user() ->
 def test_readme_example_runs_as_written(name: str, tmp_path: Path) -> None:
     blocks = EXAMPLES[name]
     files = {label: text for label, text in blocks if label != "shell"}
-    if "conftest.py" not in files and any(label.startswith("test_") for label in files):
+    tests = [label for label in files if Path(label).name.startswith("test_")]
+    if "conftest.py" not in files and tests:
         files["conftest.py"] = dict(EXAMPLES["project"])["conftest.py"]
     for label, text in files.items():
+        (tmp_path / label).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / label).write_text(text)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTEST_XDIST_WORKER", None)
     env.pop("PYTEST_ADDOPTS", None)
-    if any(label.startswith("test_") for label in files):
+    if tests:
         proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "0"],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
@@ -77,7 +79,7 @@ def test_readme_example_runs_as_written(name: str, tmp_path: Path) -> None:
         assert code == 0, f"README example {name!r} failed:\n{out[-6000:]}"
         assert re.search(r"\d+ passed", out) and "failed" not in out.splitlines()[-1], out[-3000:]
     for label, text in blocks:
-        if label.endswith(".py") and not label.startswith("test_") and label != "conftest.py":
+        if label.endswith(".py") and label not in tests and Path(label).name != "conftest.py":
             commands = [[sys.executable, label]]
         elif label == "shell":
             commands = [shlex.split(line) for line in text.splitlines() if line.strip()]

@@ -97,7 +97,7 @@ def test_keep_failed_keeps_the_console_log_and_says_where(suite):
 
 def test_fixtures_are_documented(pytester: pytest.Pytester):
     result = pytester.runpytest_subprocess("--fixtures")
-    for name in ("vmfork_template", "vmfork_snapshot", "vm_factory"):
+    for name in ("vmfork_template", "vmfork_snapshot", "vmfork_snapshots", "vm_factory"):
         result.stdout.fnmatch_lines([f"{name} *", "*"])
     result.stdout.fnmatch_lines(["vm -- *", "*A running VM forked from*"])
 

@@ -5,7 +5,10 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfork import ConfigError, Template
+from pytest_vmfork.image import KERNEL_CMDLINE
+from pytest_vmfork.mailbox import MAX_MAILBOXES, MAX_TEMPLATE_MAILBOXES
 from pytest_vmfork.snapshot import ram_offset
+from pytest_vmfork.template import KERNEL_COMMAND_LINE_SIZE
 
 
 def key(t: Template) -> str:
@@ -25,13 +28,39 @@ def key(t: Template) -> str:
         ({"warmup": [[]]}, "non-empty argv"),
         ({"mailboxes": ["ok", "ok"]}, "duplicate names"),
         ({"mailboxes": ["bad name"]}, "invalid mailbox name 'bad name'"),
-        ({"mailboxes": [f"m{i}" for i in range(17)]}, "17 declared, at most 16"),
+        ({"mailboxes": [f"m{i}" for i in range(65)]}, "65 declared, at most 64 per template"),
+        ({"mailboxes": [f"{i:02d}" + "x" * 62 for i in range(30)]},
+         "the 30 names take 1949 characters (vmfork.mailboxes=a,b,...) on the guest kernel command line"),
         ({"boot_timeout": 0}, "boot_timeout=0"),
     ],
 )
 def test_invalid_template_is_rejected_with_a_message_naming_the_field(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Template(**kwargs)
+
+
+def test_a_template_declares_up_to_64_mailboxes_and_they_ride_on_the_kernel_command_line():
+    names = [f"box-{i:02d}" for i in range(MAX_TEMPLATE_MAILBOXES)]
+    t = Template(mailboxes=names)
+    assert t.mailboxes == tuple(names) and MAX_TEMPLATE_MAILBOXES == 64 and MAX_MAILBOXES == 16
+    line = t.kernel_cmdline()
+    assert line.endswith(" vmfork.mailboxes=" + ",".join(names)) and len(line) < KERNEL_COMMAND_LINE_SIZE
+    assert Template().kernel_cmdline() == KERNEL_CMDLINE  # no mailboxes, no parameter
+
+
+def test_the_longest_mailbox_list_that_fits_the_command_line_is_accepted_one_more_byte_is_not():
+    room = KERNEL_COMMAND_LINE_SIZE - 1 - len(KERNEL_CMDLINE) - len(" vmfork.mailboxes=")
+    names = ["n" * 64 for _ in range(room // 65)]
+    names = [f"{i:02d}" + n[2:] for i, n in enumerate(names)]
+    names.append("z" * (room - len(",".join(names)) - 1))  # the comma before it takes the last byte
+    assert len(Template(mailboxes=names).kernel_cmdline()) == KERNEL_COMMAND_LINE_SIZE - 1  # + NUL: 2048
+    with pytest.raises(ConfigError, match=f"which has room for {room}; use shorter names or fewer mailboxes"):
+        Template(mailboxes=[*names[:-1], names[-1] + "z"])
+
+
+def test_describe_names_what_tells_templates_apart():
+    text = Template(memory_mib=512, packages=["jq"], files={"/etc/a": "x"}, mailboxes=["m"]).describe()
+    assert text == "512 MiB, 1 vCPU, packages jq, files /etc/a, 1 mailbox"
 
 
 def test_file_from_missing_host_path_names_the_path(tmp_path):
