@@ -12,6 +12,7 @@ rebuild.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -231,7 +232,9 @@ def _run(cmd: Sequence[object], what: str, fix: str, **kw: Any) -> str:
 
 
 def guest_overlay(spec: ImageSpec, site: Path) -> dict[str, tuple[bytes | str, int]]:
-    """The files pytest-vmfork adds to the Debian root: path -> (content or symlink target, mode)."""
+    """The files pytest-vmfork adds to the Debian root: path -> (content or symlink target, mode).
+
+    ``spec.files`` are not among them: they go on top of the cached root per image."""
     guest = guestfiles.guest_files()
     shared = guestfiles.shared_modules()
     files: dict[str, tuple[bytes | str, int]] = {
@@ -254,8 +257,6 @@ def guest_overlay(spec: ImageSpec, site: Path) -> dict[str, tuple[bytes | str, i
             files[rel] = (os.readlink(path), 0)
         elif path.is_file() and "__pycache__" not in path.parts:
             files[rel] = (path.read_bytes(), 0o755 if os.access(path, os.X_OK) else 0o644)
-    for path, content in spec.files:
-        files[path] = (content, 0o755 if content.startswith(b"#!") else 0o644)
     return files
 
 
@@ -271,8 +272,6 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
     guest = guestfiles.guest_files()
     work = out / "work"
     work.mkdir(parents=True)
-    progress(f"vmfork: building guest image {key[:12]} (Debian {aptsources.GUEST_SUITE} by mmdebstrap, "
-             f"{mode.name} mode; packages: {', '.join(spec.packages) or 'base only'})")
 
     stages: dict[str, float] = {}
     mark = time.monotonic()
@@ -283,31 +282,25 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
         stages[name] = round(now - mark, 1)
         mark = now
 
-    wheels = host_wheel_versions()
-    site = work / "site"
-    _install_wheels(wheels, cache_dir / "wheels", site)
-    overlay = work / "overlay.tar"
-    rootfs.write_overlay(guest_overlay(spec, site), overlay)
-    hook = work / "fetch-kernel.sh"
-    hook.write_bytes(guest["fetch-kernel.sh"])
-    stage("wheels_and_overlay")
+    root = debian_root(ImageSpec(kernel_flavour=spec.kernel_flavour, packages=spec.packages), cache_dir,
+                       mode=mode, apt=apt, progress=progress)
+    stage("debian_root" if root.built else "debian_root_cached")
 
-    tar_path, kout = rootfs.build_tarball(packages=spec.packages, mode=mode, apt=apt, overlay=overlay,
-                                          kernel_hook=hook, kernel_flavour=spec.kernel_flavour, work=work)
-    stage("mmdebstrap")
-
-    used, entries, versions = rootfs.tar_stats(tar_path)
-    progress(f"vmfork: writing ext4 root ({used // _MiB} MiB of files, {len(versions)} packages)")
+    files = work / "files.tar"
+    rootfs.write_overlay({p: (c, 0o755 if c.startswith(b"#!") else 0o644) for p, c in spec.files}, files)
+    used = root.used + sum(-(-len(c) // 4096) * 4096 for _, c in spec.files)
+    progress(f"vmfork: writing ext4 root of image {key[:12]} ({used // _MiB} MiB of files, "
+             f"{len(root.versions)} packages)")
     size = -(-(used + max(used // 5, 64 * _MiB)) // _MiB) * _MiB
     uuid = f"{key[:8]}-{key[8:12]}-{key[12:16]}-{key[16:20]}-{key[20:32]}"
-    root = work / "root"
-    rootfs.tarball_to_ext4(tar_path, root, out / IMAGE_FILES["rootfs"], size=size,
-                           inodes=entries * 5 // 4 + 1024, uuid=uuid)
+    tree = work / "root"
+    rootfs.tarball_to_ext4([root.tarball, files], tree, out / IMAGE_FILES["rootfs"], size=size,
+                           inodes=(root.entries + len(spec.files)) * 5 // 4 + 1024, uuid=uuid)
     stage("ext4")
 
-    kpkg, _, kversion = (kout / "info").read_text().strip().partition(" ")
+    kpkg, _, kversion = (root.dir / "kernel.info").read_text().strip().partition(" ")
     kdir = work / "kernel-files"
-    kernel.unpack_deb(kout / "kernel.deb", kdir)
+    kernel.unpack_deb(root.dir / "kernel.deb", kdir)
     (release,) = [p.name for p in (kdir / "lib/modules").iterdir()]
     bzimage = (kdir / f"boot/vmlinuz-{release}").read_bytes()
     (out / IMAGE_FILES["kernel"]).write_bytes(bzimage)
@@ -315,15 +308,15 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
     if pvh and (vmlinux := kernel.extract_vmlinux(bzimage)):
         (out / PVH_KERNEL).write_bytes(vmlinux)
     stage("kernel")
-    order = kernel.build_initramfs(root / "bin/busybox", guest["initramfs-init.sh"],
+    order = kernel.build_initramfs(tree / "bin/busybox", guest["initramfs-init.sh"],
                                    kdir / "lib/modules" / release, out / IMAGE_FILES["initrd"])
     stage("initramfs")
 
     manifest: dict[str, Any] = {
-        "key": key, "recipe_version": RECIPE_VERSION, "spec": spec.describe(),
+        "key": key, "recipe_version": RECIPE_VERSION, "spec": spec.describe(), "root_key": root.key,
         "suite": aptsources.GUEST_SUITE, "build_mode": mode.name, "apt_origin": apt.origin,
         "kernel": {"package": kpkg, "version": kversion, "release": release, "modules": order},
-        "debs": versions, "wheels": wheels,
+        "debs": root.versions, "wheels": root.wheels,
         "files": {n: (out / n).stat().st_size for n in [*IMAGE_FILES.values(), PVH_KERNEL] if (out / n).exists()},
         "root_content_bytes": used, "stage_seconds": stages,
         "build_seconds": round(time.monotonic() - start, 1),
@@ -334,6 +327,86 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     progress(f"vmfork: image {key[:12]} built in {manifest['build_seconds']} s, {mode.name} mode ("
              + ", ".join(f"{k} {v} s" for k, v in stages.items()) + ")")
+
+
+@dataclass(frozen=True)
+class DebianRoot:
+    """mmdebstrap's output for one package set, cached under ``cache_dir/roots/<key>/``:
+    the root tarball (agent and wheels included), the kernel package, their statistics.
+    Templates that differ only in their files share it: their files go on top later."""
+
+    key: str
+    dir: Path
+    used: int  # bytes in 4 KiB blocks
+    entries: int
+    versions: dict[str, str]
+    wheels: dict[str, str]
+    built: bool = False
+
+    @property
+    def tarball(self) -> Path:
+        return self.dir / "root.tar"
+
+
+def _load_root(d: Path) -> DebianRoot | None:
+    try:
+        meta = json.loads((d / "root.json").read_text())
+        if meta["key"] != d.name or (d / "root.tar").stat().st_size != meta["tar_bytes"] \
+                or not (d / "kernel.deb").is_file():
+            return None
+        return DebianRoot(d.name, d, int(meta["used"]), int(meta["entries"]), dict(meta["versions"]),
+                          dict(meta["wheels"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def debian_root(base: ImageSpec, cache_dir: Path, *, mode: rootfs.BuildMode, apt: aptsources.AptConfig,
+                progress: Callable[[str], None]) -> DebianRoot:
+    """The Debian root for ``base`` (packages and kernel flavour, no files): cached, or
+    built now by mmdebstrap, once per key however many processes ask."""
+    key = base.key()
+    roots = Path(cache_dir) / "roots"
+    roots.mkdir(parents=True, exist_ok=True)
+    final = roots / key
+    if found := _load_root(final):
+        return found
+    with filelock.FileLock(str(roots / f"{key}.lock")):
+        if found := _load_root(final):
+            return found
+        for stale in roots.glob(f".staging-{key}-*"):
+            _rmtree(stale)  # left by a crashed build; we hold the key's lock
+        staging = roots / f".staging-{key}-{os.getpid()}-{secrets.token_hex(4)}"
+        work = staging / "work"
+        work.mkdir(parents=True)
+        try:
+            progress(f"vmfork: building guest image root {key[:12]} (Debian {aptsources.GUEST_SUITE} by "
+                     f"mmdebstrap, {mode.name} mode; packages: {', '.join(base.packages) or 'base only'})")
+            guest = guestfiles.guest_files()
+            wheels = host_wheel_versions()
+            site = work / "site"
+            _install_wheels(wheels, Path(cache_dir) / "wheels", site)
+            overlay = work / "overlay.tar"
+            rootfs.write_overlay(guest_overlay(base, site), overlay)
+            hook = work / "fetch-kernel.sh"
+            hook.write_bytes(guest["fetch-kernel.sh"])
+            tar_path, kout = rootfs.build_tarball(packages=base.packages, mode=mode, apt=apt, overlay=overlay,
+                                                  kernel_hook=hook, kernel_flavour=base.kernel_flavour, work=work)
+            os.rename(tar_path, staging / "root.tar")
+            os.rename(kout / "kernel.deb", staging / "kernel.deb")
+            os.rename(kout / "info", staging / "kernel.info")
+            used, entries, versions = rootfs.tar_stats(staging / "root.tar")
+            _rmtree(work)
+            (staging / "root.json").write_text(json.dumps({
+                "key": key, "tar_bytes": (staging / "root.tar").stat().st_size, "used": used,
+                "entries": entries, "versions": versions, "wheels": wheels, "spec": base.describe(),
+                "build_mode": mode.name, "apt_origin": apt.origin}, indent=2, sort_keys=True))
+            os.rename(staging, final)
+        finally:
+            _rmtree(staging)
+    root = _load_root(final)
+    if root is None:
+        raise ImageBuildError(f"Debian root {final} is incomplete right after its build; delete it and retry")
+    return dataclasses.replace(root, built=True)
 
 
 def _install_wheels(versions: Mapping[str, str], wheel_dir: Path, target: Path) -> None:

@@ -247,21 +247,24 @@ def tar_stats(tar_path: Path) -> tuple[int, int, dict[str, str]]:
     return used, count, versions
 
 
-def tarball_to_ext4(tar_path: Path, root_dir: Path, image: Path, *, size: int, inodes: int, uuid: str,
-                    label: str = "vmfork-root") -> None:
-    """Unpack ``tar_path`` into ``root_dir`` and write ``image`` from it, owners kept.
+def tarball_to_ext4(tar_paths: Sequence[Path], root_dir: Path, image: Path, *, size: int, inodes: int,
+                    uuid: str, label: str = "vmfork-root") -> None:
+    """Unpack ``tar_paths`` in order into ``root_dir`` and write ``image`` from it, owners kept.
 
     As root both steps run directly; otherwise in one fakeroot session, whose faked
-    ownership mke2fs reads back through stat().
+    ownership mke2fs reads back through stat(). (mke2fs 1.47.1 reads a tarball
+    itself; Debian 12 has 1.47.0.)
     """
     root_dir.mkdir(parents=True)
     with open(image, "wb") as f:
         f.truncate(size)
-    script = ('tar --numeric-owner -xpf "$1" -C "$2" --exclude=./dev/* && '
-              '"$7" -q -F -t ext4 -d "$2" -L "$3" -U "$4" -b 4096 -m 0 -N "$5" '
-              '-E root_owner=0:0,hash_seed="$4" -O ^has_journal "$6"')
+    script = ('root=$1 label=$2 uuid=$3 inodes=$4 image=$5 mke2fs=$6; shift 6; '
+              'for t in "$@"; do tar --numeric-owner -xpf "$t" -C "$root" --exclude=./dev/* || exit 1; done && '
+              '"$mke2fs" -q -F -t ext4 -d "$root" -L "$label" -U "$uuid" -b 4096 -m 0 -N "$inodes" '
+              '-E root_owner=0:0,hash_seed="$uuid" -O ^has_journal "$image"')
     mke2fs = find_tool("mke2fs") or "mke2fs"
-    argv = ["sh", "-c", script, "sh", str(tar_path), str(root_dir), label, uuid, str(inodes), str(image), mke2fs]
+    argv = ["sh", "-c", script, "sh", str(root_dir), label, uuid, str(inodes), str(image), mke2fs,
+            *map(str, tar_paths)]
     if os.geteuid() != 0:
         argv = ["fakeroot", "--", *argv]
     try:
@@ -273,5 +276,5 @@ def tarball_to_ext4(tar_path: Path, root_dir: Path, image: Path, *, size: int, i
     except subprocess.TimeoutExpired as exc:
         raise ImageBuildError("unpacking the root or mke2fs took longer than 600 s") from exc
     if res.returncode != 0:
-        raise ImageBuildError(f"writing the ext4 root from {tar_path.name} failed (exit {res.returncode}): "
+        raise ImageBuildError(f"writing the ext4 root from {[t.name for t in tar_paths]} failed (exit {res.returncode}): "
                               f"{_tail(res.stderr + res.stdout)}; apt-get install e2fsprogs fakeroot")

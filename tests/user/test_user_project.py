@@ -169,8 +169,11 @@ def test_a_user_without_subordinate_ids_builds_in_fakechroot_mode_and_doctor_say
         # ... and doctor's word holds: a real build and a fork, as that user.
         code, out = u.run(f"{bin_dir}/vmfork build --accel tcg")
         assert code == 0 and "fakechroot mode" in out and "built in" in out, out[-4000:]
-        code, out = u.run(f"{bin_dir}/vmfork run --accel tcg -- sh -c 'id -u; id nobody; command -v nohup ps ip'")
+        code, out = u.run(f"{bin_dir}/vmfork run --accel tcg -- sh -c "
+                          "'id -u; id nobody; for t in nohup ps ip; do command -v $t; done'")
         assert code == 0, out[-4000:]
-        assert out.startswith("0\n") and "uid=65534(nobody)" in out and "/usr/sbin/ip" in out, out
+        lines = out.splitlines()
+        assert "0" in lines and "uid=65534(nobody) gid=65534(nogroup) groups=65534(nogroup)" in lines, out
+        assert {"/usr/bin/nohup", "/usr/bin/ps", "/usr/sbin/ip"} <= set(lines), out
     finally:
         _remove_user(u)
