@@ -22,6 +22,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -298,25 +299,15 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
                            inodes=(root.entries + len(spec.files)) * 5 // 4 + 1024, uuid=uuid)
     stage("ext4")
 
-    kpkg, _, kversion = (root.dir / "kernel.info").read_text().strip().partition(" ")
-    kdir = work / "kernel-files"
-    kernel.unpack_deb(root.dir / "kernel.deb", kdir)
-    (release,) = [p.name for p in (kdir / "lib/modules").iterdir()]
-    bzimage = (kdir / f"boot/vmlinuz-{release}").read_bytes()
-    (out / IMAGE_FILES["kernel"]).write_bytes(bzimage)
-    pvh = "CONFIG_PVH=y" in (kdir / f"boot/config-{release}").read_text().split()
-    if pvh and (vmlinux := kernel.extract_vmlinux(bzimage)):
-        (out / PVH_KERNEL).write_bytes(vmlinux)
-    stage("kernel")
-    order = kernel.build_initramfs(tree / "bin/busybox", guest["initramfs-init.sh"],
-                                   kdir / "lib/modules" / release, out / IMAGE_FILES["initrd"])
-    stage("initramfs")
+    for name in (*IMAGE_FILES.values(), PVH_KERNEL):
+        if name != IMAGE_FILES["rootfs"] and (root.dir / name).exists():
+            _link_or_copy(root.dir / name, out / name)  # the same for every image of this root
+    stage("kernel_and_initramfs")
 
     manifest: dict[str, Any] = {
         "key": key, "recipe_version": RECIPE_VERSION, "spec": spec.describe(), "root_key": root.key,
         "suite": aptsources.GUEST_SUITE, "build_mode": mode.name, "apt_origin": apt.origin,
-        "kernel": {"package": kpkg, "version": kversion, "release": release, "modules": order},
-        "debs": root.versions, "wheels": root.wheels,
+        "kernel": root.kernel, "debs": root.versions, "wheels": root.wheels,
         "files": {n: (out / n).stat().st_size for n in [*IMAGE_FILES.values(), PVH_KERNEL] if (out / n).exists()},
         "root_content_bytes": used, "stage_seconds": stages,
         "build_seconds": round(time.monotonic() - start, 1),
@@ -329,11 +320,42 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
              + ", ".join(f"{k} {v} s" for k, v in stages.items()) + ")")
 
 
+def _kernel_files(kout: Path, root_tar: Path, init_script: bytes, work: Path, out: Path) -> dict[str, Any]:
+    """vmlinuz, the PVH vmlinux where it can be extracted, and the initramfs (busybox from
+    the root, the kernel's virtio/ext4 modules) into ``out``; returns what the manifest records."""
+    kpkg, _, kversion = (kout / "info").read_text().strip().partition(" ")
+    kdir = work / "kernel-files"
+    kernel.unpack_deb(kout / "kernel.deb", kdir)
+    (release,) = [p.name for p in (kdir / "lib/modules").iterdir()]
+    bzimage = (kdir / f"boot/vmlinuz-{release}").read_bytes()
+    (out / IMAGE_FILES["kernel"]).write_bytes(bzimage)
+    pvh = "CONFIG_PVH=y" in (kdir / f"boot/config-{release}").read_text().split()
+    if pvh and (vmlinux := kernel.extract_vmlinux(bzimage)):
+        (out / PVH_KERNEL).write_bytes(vmlinux)
+    busybox = work / "busybox"
+    with tarfile.open(root_tar) as tar:
+        member = next((m for m in tar if m.name in ("./usr/bin/busybox", "./bin/busybox") and m.isfile()), None)
+        src = tar.extractfile(member) if member is not None else None
+        if src is None:
+            raise ImageBuildError(f"{root_tar} has no /usr/bin/busybox; the base packages include busybox-static")
+        busybox.write_bytes(src.read())
+    order = kernel.build_initramfs(busybox, init_script, kdir / "lib/modules" / release, out / IMAGE_FILES["initrd"])
+    return {"package": kpkg, "version": kversion, "release": release, "modules": order}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copyfile(src, dst)
+
+
 @dataclass(frozen=True)
 class DebianRoot:
     """mmdebstrap's output for one package set, cached under ``cache_dir/roots/<key>/``:
-    the root tarball (agent and wheels included), the kernel package, their statistics.
-    Templates that differ only in their files share it: their files go on top later."""
+    the root tarball (agent and wheels included), the kernel and initramfs built from
+    it, their statistics. Templates that differ only in their files share it: their
+    files go on top of the tarball, and the kernel files are linked into each image."""
 
     key: str
     dir: Path
@@ -341,6 +363,7 @@ class DebianRoot:
     entries: int
     versions: dict[str, str]
     wheels: dict[str, str]
+    kernel: dict[str, Any]
     built: bool = False
 
     @property
@@ -352,10 +375,10 @@ def _load_root(d: Path) -> DebianRoot | None:
     try:
         meta = json.loads((d / "root.json").read_text())
         if meta["key"] != d.name or (d / "root.tar").stat().st_size != meta["tar_bytes"] \
-                or not (d / "kernel.deb").is_file():
+                or any((d / n).stat().st_size != size for n, size in meta["kernel_files"].items()):
             return None
         return DebianRoot(d.name, d, int(meta["used"]), int(meta["entries"]), dict(meta["versions"]),
-                          dict(meta["wheels"]))
+                          dict(meta["wheels"]), dict(meta["kernel"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -392,13 +415,14 @@ def debian_root(base: ImageSpec, cache_dir: Path, *, mode: rootfs.BuildMode, apt
             tar_path, kout = rootfs.build_tarball(packages=base.packages, mode=mode, apt=apt, overlay=overlay,
                                                   kernel_hook=hook, kernel_flavour=base.kernel_flavour, work=work)
             os.rename(tar_path, staging / "root.tar")
-            os.rename(kout / "kernel.deb", staging / "kernel.deb")
-            os.rename(kout / "info", staging / "kernel.info")
             used, entries, versions = rootfs.tar_stats(staging / "root.tar")
+            kinfo = _kernel_files(kout, staging / "root.tar", guest["initramfs-init.sh"], work, staging)
             _rmtree(work)
             (staging / "root.json").write_text(json.dumps({
                 "key": key, "tar_bytes": (staging / "root.tar").stat().st_size, "used": used,
                 "entries": entries, "versions": versions, "wheels": wheels, "spec": base.describe(),
+                "kernel": kinfo, "kernel_files": {n: (staging / n).stat().st_size for n in
+                                                  (*IMAGE_FILES.values(), PVH_KERNEL) if (staging / n).exists()},
                 "build_mode": mode.name, "apt_origin": apt.origin}, indent=2, sort_keys=True))
             os.rename(staging, final)
         finally:
