@@ -10,7 +10,7 @@ second Ctrl-C during teardown, an xdist worker killed) can leave behind:
 - host-wide subnet leases with their bridges, half-finished reclaims
   (tombstones) and per-run lease directories (``<lease root>/runs/<run>/``);
 - TAPs that no process holds (only a persistent TAP can be in that state);
-- partial snapshot and image builds (``.staging-*``, ``.trash-*``, ``.old-*``).
+- partial snapshot, image and Debian root builds (``.staging-*``, ``.trash-*``, ``.old-*``).
 
 :func:`collect` finds and removes them. Everything is judged by its owner's
 identity (PID *and* start time, boot id: :func:`pytest_vmfork.leases.owner_gone`),
@@ -658,7 +658,8 @@ class _Gc:
         if self.cache_dir is None:
             return
         for sub, pattern, kind in (("snapshots", _SNAP_PARTIAL_RE, "snapshot-partial"),
-                                   ("images", _IMAGE_PARTIAL_RE, "image-partial")):
+                                   ("images", _IMAGE_PARTIAL_RE, "image-partial"),
+                                   ("roots", _IMAGE_PARTIAL_RE, "root-partial")):
             folder = self.cache_dir / sub
             if not folder.is_dir():
                 continue
