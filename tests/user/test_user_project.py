@@ -125,6 +125,24 @@ def test_the_wheel_carries_the_guest_tree_and_the_shared_modules(wheel: Path) ->
     assert not [n for n in names if n.startswith(("guest/", "tests/", "fixtures/"))]
 
 
+def test_the_sdist_carries_the_guest_tree_and_builds_the_same_wheel(tmp_path: Path) -> None:
+    import tarfile
+    import zipfile
+
+    res = subprocess.run([sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(REPO)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (sdist,) = tmp_path.glob("pytest_vmfork-*.tar.gz")
+    names = tarfile.open(sdist).getnames()
+    assert any(n.endswith("/guest/agent.py") for n in names) and any(n.endswith("/guest/fetch-kernel.sh")
+                                                                       for n in names)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "w"),
+                          str(sdist)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (whl,) = (tmp_path / "w").glob("*.whl")
+    assert "pytest_vmfork/guest/agent.py" in zipfile.ZipFile(whl).namelist()
+
+
 def test_a_new_user_runs_a_project_of_its_own_and_a_moved_cache_hits(user: tuple[User, Path]) -> None:
     u, bin_dir = user
     code, doctor = u.run(f"{bin_dir}/vmfork doctor")
