@@ -57,6 +57,14 @@ def test_the_project_example_is_the_user_project_ci_runs_as_a_non_root_user() ->
         assert (REPO / "fixtures/userproject" / label).read_text() == text.partition("\n")[2], label
 
 
+def test_every_option_is_in_the_readme_options_table() -> None:
+    from pytest_vmfork.config import OPTIONS
+
+    text = README.read_text()
+    for opt in OPTIONS:
+        assert f"| `{opt.flag}` | `{opt.name}` |" in text, opt.flag
+
+
 @pytest.mark.vm
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_readme_example_runs_as_written(name: str, tmp_path: Path) -> None:
