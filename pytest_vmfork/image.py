@@ -396,8 +396,12 @@ def debian_root(base: ImageSpec, cache_dir: Path, *, mode: rootfs.BuildMode, apt
     with filelock.FileLock(str(roots / f"{key}.lock")):
         if found := _load_root(final):
             return found
-        for stale in roots.glob(f".staging-{key}-*"):
+        for stale in [*roots.glob(f".staging-{key}-*"), *roots.glob(f".old-{key}-*")]:
             _rmtree(stale)  # left by a crashed build; we hold the key's lock
+        if final.exists():  # incomplete, or from an older recipe: set aside, never reused
+            old = roots / f".old-{key}-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(final, old)
+            _rmtree(old)
         staging = roots / f".staging-{key}-{os.getpid()}-{secrets.token_hex(4)}"
         work = staging / "work"
         work.mkdir(parents=True)
