@@ -16,8 +16,10 @@ from .errors import (
     BuildError,
     ConfigError,
     GuestError,
+    GuestFileError,
     HandoffError,
     ImageBuildError,
+    ProcessTimeout,
     RestoreError,
     StateError,
     VMForkError,
@@ -25,6 +27,7 @@ from .errors import (
 from .fork import VM, MailboxPayload, fork
 from .network import RunNetwork
 from .pool import WarmPool
+from .process import Process
 from .run import Run
 from .snapshot import Snapshot, SnapshotStore
 from .template import Template
@@ -36,9 +39,12 @@ __all__ = [
     "ExecResult",
     "ExecTimeout",
     "GuestError",
+    "GuestFileError",
     "HandoffError",
     "ImageBuildError",
     "MailboxPayload",
+    "Process",
+    "ProcessTimeout",
     "RestoreError",
     "Run",
     "RunNetwork",
