@@ -196,41 +196,62 @@ class Bridge:
                 self.inner = None
         s.close()
 
-    def _read_exact(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = os.read(self.fd, n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return buf
+    def _inner(self, sid: int) -> socket.socket:
+        with self.lock:
+            if self.inner is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(GRPC_SOCK)
+                self.inner = s
+                threading.Thread(target=self._pump_out, args=(s, sid), daemon=True).start()
+            return self.inner
 
     def run(self) -> None:
+        """Parse frames as bytes arrive and forward each payload piece by piece.
+
+        A virtio-serial read returns at most one (4 KiB) buffer, so a frame is
+        never assembled in memory first: a big transfer streams through with
+        one copy, and small RPCs' frames pass between its pieces.
+        """
+        header = bytearray()
+        remaining = 0  # payload bytes of the current frame still to forward
+        inner: socket.socket | None = None
         while True:
-            try:
-                sid, length = FRAME.unpack(self._read_exact(FRAME.size))
-                data = self._read_exact(length) if length else b""
-            except EOFError:  # no host connected (never on a fork: QEMU holds it)
+            chunk = os.read(self.fd, 65536)
+            if not chunk:  # no host connected (never on a fork: QEMU holds it)
+                header.clear()
+                remaining, inner = 0, None
                 self.reset()
                 time.sleep(0.05)
                 continue
-            if sid != self.sid:
-                self.reset()
-                self.sid = sid
-            if not data:
-                self.reset()
-                continue
-            with self.lock:
-                if self.inner is None:
-                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    s.connect(GRPC_SOCK)
-                    self.inner = s
-                    threading.Thread(target=self._pump_out, args=(s, sid), daemon=True).start()
-                inner = self.inner
-            try:
-                inner.sendall(data)
-            except OSError:
-                self.reset()
+            view = memoryview(chunk)
+            while view:
+                if remaining:
+                    n = min(remaining, len(view))
+                    if inner is not None:
+                        try:
+                            inner.sendall(view[:n])
+                        except OSError:  # the session is gone: drop the rest of this frame
+                            self.reset()
+                            inner = None
+                    remaining -= n
+                    view = view[n:]
+                    continue
+                need = FRAME.size - len(header)
+                header += view[:need]
+                view = view[need:]
+                if len(header) < FRAME.size:
+                    break
+                sid, length = FRAME.unpack(header)
+                header.clear()
+                if sid != self.sid:
+                    self.reset()
+                    self.sid = sid
+                if not length:  # the host's session ended
+                    self.reset()
+                    inner = None
+                    continue
+                inner = self._inner(sid)
+                remaining = length
 
 
 class FastNetlink:
