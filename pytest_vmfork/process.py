@@ -62,8 +62,9 @@ class _Output:
         return self.end - len(self.data)
 
     def take(self, start: int, data: bytes) -> None:
-        if start > self.end:  # the guest dropped these before we asked
-            self.dropped += start - self.end
+        if start > self.end:  # the guest dropped these before we asked: what we hold is older still
+            self.dropped += start - self.end + len(self.data)
+            self.data.clear()
             self.end = start
         skip = self.end - start  # bytes we already have (a guest must not resend them)
         if skip < len(data):
