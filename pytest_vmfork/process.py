@@ -142,6 +142,8 @@ class Process:
         seconds (the process keeps running)."""
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ConfigError(f"wait timeout={timeout!r} must be a positive number of seconds")
+        if self.returncode is not None and (self._drained or self._closed):
+            return self.returncode
         self._require_running_vm("wait for")
         deadline = time.monotonic() + timeout
         while True:
