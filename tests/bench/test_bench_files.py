@@ -69,3 +69,38 @@ def test_get_throughput_guest_to_host(benchmark: Any, bench_vm: VM, bench_say: A
 
     benchmark.pedantic(target, teardown=teardown, rounds=ROUNDS)
     throughput(benchmark, "get (guest -> host)", bench_say)
+
+
+def test_exec_round_trip_while_a_put_streams(benchmark: Any, bench_vm: VM, bench_say: Any) -> None:
+    """exec(["true"]) round trips during a big put share the one virtio-serial
+    connection with it; compared with the same execs on an idle channel."""
+    import threading
+    import time
+
+    def round_trips(n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            bench_vm.exec(["true"]).check()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    idle = round_trips(10)
+    data = os.urandom(FILE_MIB << 20)
+    put = threading.Thread(target=bench_vm.put, args=(GUEST_PATH, data))
+    busy: list[float] = []
+
+    def target() -> None:
+        put.start()
+        while put.is_alive() and len(busy) < 200:
+            busy.extend(round_trips(1))
+        put.join(600)
+
+    benchmark.pedantic(target, rounds=1)
+    during = busy[:-1] or busy  # the last one may have started after the put ended
+    info = {"kind": "exec-during-put", "idle_ms_median": round(statistics.median(idle), 1),
+            "busy_ms_median": round(statistics.median(during), 1), "busy_ms_max": round(max(during), 1),
+            "execs_during_put": len(during)}
+    benchmark.extra_info.update(info)
+    bench_say(f"exec round trip: idle p50 {info['idle_ms_median']} ms; during a {FILE_MIB} MiB put"
+              f" p50 {info['busy_ms_median']} ms, max {info['busy_ms_max']} ms ({len(during)} execs)")
