@@ -21,6 +21,7 @@ the console, pre-opened file descriptors, pre-built objects.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import json
 import mmap
@@ -28,6 +29,7 @@ import os
 import random
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import threading
@@ -57,6 +59,11 @@ CHILD_ENV = {
     "TERM": "dumb",
 }
 START = time.monotonic()
+CHUNK = 1 << 20  # file content per gRPC message (pytest_vmfork/files.py uses the same)
+OUTPUT_LIMIT = 1 << 20  # default bytes kept per spawned process stream
+MAX_OUTPUT_LIMIT = 64 << 20
+MAX_PROCESSES = 1024  # records kept; the oldest exited ones go first
+MAX_WAIT_S = 10.0  # a ReadProcess long poll holds a server thread at most this long
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -189,41 +196,62 @@ class Bridge:
                 self.inner = None
         s.close()
 
-    def _read_exact(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = os.read(self.fd, n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return buf
+    def _inner(self, sid: int) -> socket.socket:
+        with self.lock:
+            if self.inner is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(GRPC_SOCK)
+                self.inner = s
+                threading.Thread(target=self._pump_out, args=(s, sid), daemon=True).start()
+            return self.inner
 
     def run(self) -> None:
+        """Parse frames as bytes arrive and forward each payload piece by piece.
+
+        A virtio-serial read returns at most one (4 KiB) buffer, so a frame is
+        never assembled in memory first: a big transfer streams through with
+        one copy, and small RPCs' frames pass between its pieces.
+        """
+        header = bytearray()
+        remaining = 0  # payload bytes of the current frame still to forward
+        inner: socket.socket | None = None
         while True:
-            try:
-                sid, length = FRAME.unpack(self._read_exact(FRAME.size))
-                data = self._read_exact(length) if length else b""
-            except EOFError:  # no host connected (never on a fork: QEMU holds it)
+            chunk = os.read(self.fd, 65536)
+            if not chunk:  # no host connected (never on a fork: QEMU holds it)
+                header.clear()
+                remaining, inner = 0, None
                 self.reset()
                 time.sleep(0.05)
                 continue
-            if sid != self.sid:
-                self.reset()
-                self.sid = sid
-            if not data:
-                self.reset()
-                continue
-            with self.lock:
-                if self.inner is None:
-                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    s.connect(GRPC_SOCK)
-                    self.inner = s
-                    threading.Thread(target=self._pump_out, args=(s, sid), daemon=True).start()
-                inner = self.inner
-            try:
-                inner.sendall(data)
-            except OSError:
-                self.reset()
+            view = memoryview(chunk)
+            while view:
+                if remaining:
+                    n = min(remaining, len(view))
+                    if inner is not None:
+                        try:
+                            inner.sendall(view[:n])
+                        except OSError:  # the session is gone: drop the rest of this frame
+                            self.reset()
+                            inner = None
+                    remaining -= n
+                    view = view[n:]
+                    continue
+                need = FRAME.size - len(header)
+                header += view[:need]
+                view = view[need:]
+                if len(header) < FRAME.size:
+                    break
+                sid, length = FRAME.unpack(header)
+                header.clear()
+                if sid != self.sid:
+                    self.reset()
+                    self.sid = sid
+                if not length:  # the host's session ended
+                    self.reset()
+                    inner = None
+                    continue
+                inner = self._inner(sid)
+                remaining = length
 
 
 class FastNetlink:
@@ -291,8 +319,404 @@ class FastNetlink:
                 raise OSError(-error, f"rtnetlink request {struct.unpack_from('<H', msg, 4)[0]} failed")
 
 
-class Agent(pb_grpc.AgentServicer):
+# --- files ------------------------------------------------------------------
+
+_ERRNO_STATUS = {
+    errno.ENOENT: grpc.StatusCode.NOT_FOUND,
+    errno.EACCES: grpc.StatusCode.PERMISSION_DENIED,
+    errno.EPERM: grpc.StatusCode.PERMISSION_DENIED,
+    errno.EROFS: grpc.StatusCode.PERMISSION_DENIED,
+    errno.ENOSPC: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.EDQUOT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def abort_os(context, exc: OSError, path: str) -> None:
+    """End the RPC with the errno name and the guest path the host reports."""
+    code = exc.errno or errno.EIO
+    name = errno.errorcode.get(code, str(code))
+    context.set_trailing_metadata((("vmfork-errno", name), ("vmfork-path", path)))
+    context.abort(_ERRNO_STATUS.get(code, grpc.StatusCode.FAILED_PRECONDITION),
+                  f"{path}: {exc.strerror or os.strerror(code)} ({name})")
+
+
+def _absolute(context, path: str) -> str:
+    if not path.startswith("/") or "\0" in path:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"guest path {path!r} is not absolute")
+    return os.path.normpath(path)
+
+
+def _relative(context, rel: str) -> str:
+    parts = rel.split("/")
+    if not rel or "\0" in rel or any(p in ("", ".", "..") for p in parts):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tree entry {rel!r} is not a plain relative path")
+    return rel
+
+
+def _make_dirs(path: str) -> None:
+    """mkdir -p, with ENOTDIR (not EEXIST) when a component is not a directory."""
+    if os.path.isdir(path):
+        return
+    if os.path.lexists(path):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    _make_dirs(os.path.dirname(path))
+    os.mkdir(path, 0o755)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def walk_tree(root: str):
+    """(kind, relative path, mode, target, fd) for everything under ``root``:
+    a directory before its entries, names sorted, symlinks never followed."""
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            r = f"{rel}/{e.name}" if rel else e.name
+            st = e.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                yield pb.TreeEntry(kind=pb.TreeEntry.SYMLINK, path=r, target=os.readlink(e.path))
+            elif stat.S_ISDIR(st.st_mode):
+                yield pb.TreeEntry(kind=pb.TreeEntry.DIR, path=r, mode=stat.S_IMODE(st.st_mode))
+                stack.append(r)
+            elif stat.S_ISREG(st.st_mode):
+                with open(e.path, "rb", buffering=0) as f:
+                    kind = pb.TreeEntry.FILE
+                    while True:
+                        data = f.read(CHUNK)
+                        if kind == pb.TreeEntry.FILE:
+                            yield pb.TreeEntry(kind=kind, path=r, mode=stat.S_IMODE(st.st_mode), data=data)
+                            kind = pb.TreeEntry.DATA
+                        elif data:
+                            yield pb.TreeEntry(kind=kind, data=data)
+                        if not data:
+                            break
+            else:
+                raise OSError(errno.EINVAL, "not a regular file, directory or symlink", e.path)
+
+
+class TreeWriter:
+    """Writes a stream of TreeEntry messages under ``root``: parents must come
+    before their entries; directory modes are applied last (deepest first) so a
+    read-only directory can still be filled."""
+
+    def __init__(self, context, root: str) -> None:
+        self.context, self.root = context, root
+        self.dirs = {""}
+        self.modes: list[tuple[str, int]] = []
+        self.fd: int | None = None
+        self.fd_mode = 0
+        self.path = root
+        self.bytes = self.entries = 0
+
+    def _end_file(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.fchmod(fd, self.fd_mode)
+            finally:
+                os.close(fd)
+
+    def add(self, e) -> None:
+        if e.kind == pb.TreeEntry.DATA:
+            if self.fd is None:
+                self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "DATA entry without a FILE before it")
+            _write_all(self.fd, e.data)
+            self.bytes += len(e.data)
+            return
+        self._end_file()
+        rel = _relative(self.context, e.path)
+        parent = rel.rpartition("/")[0]
+        if parent not in self.dirs:
+            self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tree entry {rel!r} comes before its directory")
+        self.path = path = os.path.join(self.root, rel)
+        self.entries += 1
+        is_dir = os.path.isdir(path) and not os.path.islink(path)
+        if e.kind == pb.TreeEntry.DIR:
+            if not is_dir:
+                if os.path.lexists(path):
+                    os.unlink(path)
+                os.mkdir(path, 0o700)
+            self.dirs.add(rel)
+            self.modes.append((path, e.mode & 0o7777))
+            return
+        if is_dir:
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if os.path.lexists(path):
+            os.unlink(path)
+        if e.kind == pb.TreeEntry.SYMLINK:
+            os.symlink(e.target, path)
+        elif e.kind == pb.TreeEntry.FILE:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            self.fd_mode = e.mode & 0o7777
+            _write_all(self.fd, e.data)
+            self.bytes += len(e.data)
+        else:
+            self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tree entry {rel!r} has kind {e.kind}")
+
+    def finish(self) -> None:
+        self._end_file()
+        for path, mode in reversed(self.modes):
+            self.path = path
+            os.chmod(path, mode)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class GuestFiles:
+    """The file RPCs: content streams in CHUNK-sized messages, errors carry errno + path."""
+
+    def PutFile(self, request_iterator, context):  # noqa: N802
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("msg") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PutFile starts with a header")
+        h = first.header
+        path = _absolute(context, h.path)
+        parent, name = os.path.split(path)
+        tmp, size = None, 0
+        try:
+            _make_dirs(parent)
+            if os.path.isdir(path):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            try:
+                mode = h.mode & 0o7777 if h.set_mode else stat.S_IMODE(os.stat(path).st_mode)
+            except FileNotFoundError:
+                mode = 0o644
+            # Written beside the target and renamed over it: no reader sees half a file.
+            tmp = os.path.join(parent, f".{name}.vmfork-{os.urandom(4).hex()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                for msg in request_iterator:
+                    _write_all(fd, msg.data)
+                    size += len(msg.data)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            tmp = None
+        except OSError as exc:
+            named = exc.filename if isinstance(exc.filename, str) and exc.filename != tmp else path
+            abort_os(context, exc, named)
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        return pb.PutResponse(bytes=size, entries=1)
+
+    def GetFile(self, request, context):  # noqa: N802
+        path = _absolute(context, request.path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            except OSError:
+                os.close(fd)
+                raise
+        except OSError as exc:
+            abort_os(context, exc, path)
+        with open(fd, "rb", buffering=0) as f:
+            try:
+                yield pb.FileChunk(size=st.st_size, mode=stat.S_IMODE(st.st_mode))
+                while data := f.read(CHUNK):
+                    yield pb.FileChunk(data=data)
+            except OSError as exc:
+                abort_os(context, exc, path)
+
+    def PutTree(self, request_iterator, context):  # noqa: N802
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("msg") != "guest_dir":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PutTree starts with the guest directory")
+        root = _absolute(context, first.guest_dir)
+        writer = TreeWriter(context, root)
+        try:
+            _make_dirs(root)
+            for msg in request_iterator:
+                writer.add(msg.entry)
+            writer.finish()
+        except OSError as exc:
+            abort_os(context, exc, exc.filename if isinstance(exc.filename, str) else writer.path)
+        finally:
+            writer.close()
+        return pb.PutResponse(bytes=writer.bytes, entries=writer.entries)
+
+    def GetTree(self, request, context):  # noqa: N802
+        root = _absolute(context, request.guest_dir)
+        try:
+            if not os.path.isdir(root):
+                os.stat(root)  # ENOENT if missing
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), root)
+            yield from walk_tree(root)
+        except OSError as exc:
+            abort_os(context, exc, exc.filename if isinstance(exc.filename, str) else root)
+
+
+# --- background processes ------------------------------------------------------
+
+
+class Stream:
+    """The newest ``limit`` bytes of one output pipe and how many it produced."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = bytearray()
+        self.total = 0  # bytes produced; buf holds [total - len(buf), total)
+
+    def append(self, data: bytes) -> None:
+        self.buf += data
+        self.total += len(data)
+        if len(self.buf) > self.limit:
+            del self.buf[: len(self.buf) - self.limit]
+
+    def since(self, offset: int, max_bytes: int) -> tuple[bytes, int]:
+        start = max(offset, self.total - len(self.buf))
+        at = start - (self.total - len(self.buf))
+        return bytes(self.buf[at : at + max_bytes]), start
+
+
+class GuestProcess:
+    """A spawned process: reader threads fill bounded buffers, a waiter reaps it."""
+
+    def __init__(self, proc: subprocess.Popen, limit: int, stdin: bytes | None) -> None:
+        self.proc = proc
+        self.cond = threading.Condition()
+        self.streams = (Stream(limit), Stream(limit))
+        self.returncode: int | None = None
+        self.readers = [threading.Thread(target=self._read, args=(pipe, s), daemon=True)
+                        for pipe, s in zip((proc.stdout, proc.stderr), self.streams)]
+        for t in self.readers:
+            t.start()
+        if stdin is not None:
+            threading.Thread(target=self._feed, args=(stdin,), daemon=True).start()
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.proc.stdin.write(data)
+        except OSError:
+            pass  # it closed its stdin or exited
+        finally:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def _read(self, pipe, stream: Stream) -> None:
+        fd = pipe.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            with self.cond:
+                if data:
+                    stream.append(data)
+                self.cond.notify_all()
+            if not data:
+                pipe.close()
+                return
+
+    def _wait(self) -> None:
+        code = self.proc.wait()
+        for t in self.readers:  # what it wrote before exiting; bounded, a child may hold the pipe
+            t.join(1.0)
+        with self.cond:
+            self.returncode = code
+            self.cond.notify_all()
+
+    def state(self, out_off: int, err_off: int, wait_s: float, max_bytes: int):
+        out, err = self.streams
+        with self.cond:
+            self.cond.wait_for(
+                lambda: self.returncode is not None or out.total > out_off or err.total > err_off,
+                timeout=min(max(wait_s, 0.0), MAX_WAIT_S),
+            )
+            out_data, out_start = out.since(out_off, max_bytes)
+            err_data, err_start = err.since(err_off, max_bytes)
+            return pb.ProcessState(
+                exited=self.returncode is not None, returncode=self.returncode or 0,
+                stdout=out_data, stdout_start=out_start, stdout_total=out.total,
+                stderr=err_data, stderr_start=err_start, stderr_total=err.total,
+            )
+
+
+class GuestProcesses:
+    """The process RPCs; one record per spawned process, bounded in number."""
+
     def __init__(self) -> None:
+        self.procs: dict[int, GuestProcess] = {}
+        self.procs_lock = threading.Lock()
+
+    def _process(self, pid: int, context) -> GuestProcess:
+        with self.procs_lock:
+            p = self.procs.get(pid)
+        if p is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no spawned process with pid {pid}")
+        return p
+
+    def Spawn(self, request, context):  # noqa: N802
+        argv = list(request.argv)
+        if not argv:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "argv is empty")
+        env = dict(CHILD_ENV)
+        env.update(request.env)
+        limit = min(request.output_limit or OUTPUT_LIMIT, MAX_OUTPUT_LIMIT)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if request.has_stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=request.cwd or "/",
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            abort_os(context, exc, exc.filename if isinstance(exc.filename, str) else argv[0])
+        p = GuestProcess(proc, limit, request.stdin if request.has_stdin else None)
+        with self.procs_lock:
+            self.procs[proc.pid] = p
+            if len(self.procs) > MAX_PROCESSES:
+                for pid in [pid for pid, q in self.procs.items() if q.returncode is not None]:
+                    del self.procs[pid]
+                    if len(self.procs) <= MAX_PROCESSES:
+                        break
+        return pb.SpawnResponse(pid=proc.pid)
+
+    def ReadProcess(self, request, context):  # noqa: N802
+        p = self._process(request.pid, context)
+        return p.state(request.stdout_offset, request.stderr_offset, request.wait_s,
+                       min(request.max_bytes or CHUNK, CHUNK))
+
+    def SignalProcess(self, request, context):  # noqa: N802
+        p = self._process(request.pid, context)
+        with p.cond:
+            if p.returncode is not None:
+                return pb.SignalProcessResponse(delivered=False)
+            try:  # not yet reaped (the waiter sets returncode), so the pid is still this process
+                (os.killpg if request.group else os.kill)(request.pid, request.signal)
+            except ProcessLookupError:
+                return pb.SignalProcessResponse(delivered=False)
+            except OSError as exc:
+                abort_os(context, exc, f"pid {request.pid}")
+        return pb.SignalProcessResponse(delivered=True)
+
+
+class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
+    def __init__(self) -> None:
+        GuestProcesses.__init__(self)
         params = cmdline_params()
         self.nonce = os.urandom(mbx.NONCE_SIZE)
         self.system = GuestMailbox(mbx.SYSTEM_MAILBOX, self.nonce)
@@ -522,7 +946,7 @@ def main() -> None:
     except FileNotFoundError:
         pass
     agent = Agent()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))  # long polls and transfers hold threads
     pb_grpc.add_AgentServicer_to_server(agent, server)
     server.add_insecure_port("unix:" + GRPC_SOCK)
     server.start()

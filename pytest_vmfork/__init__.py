@@ -15,8 +15,10 @@ from .errors import (
     BuildError,
     ConfigError,
     GuestError,
+    GuestFileError,
     HandoffError,
     ImageBuildError,
+    ProcessTimeout,
     RestoreError,
     StateError,
     VMForkError,
@@ -24,6 +26,7 @@ from .errors import (
 from .fork import VM, MailboxPayload, fork
 from .network import RunNetwork
 from .pool import WarmPool
+from .process import Process
 from .registry import snapshot_for
 from .run import Run
 from .snapshot import Snapshot, SnapshotStore
@@ -36,9 +39,12 @@ __all__ = [
     "ExecResult",
     "ExecTimeout",
     "GuestError",
+    "GuestFileError",
     "HandoffError",
     "ImageBuildError",
     "MailboxPayload",
+    "Process",
+    "ProcessTimeout",
     "RestoreError",
     "Run",
     "RunNetwork",

@@ -7,13 +7,14 @@ network change, which is what makes it the fallback path for the handoff.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping
 
 import grpc
 
-from .errors import GuestError
+from .errors import GuestError, GuestFileError
 from .proto import agent_pb2 as pb
 from .proto import agent_pb2_grpc as pb_grpc
 
@@ -73,11 +74,17 @@ class AgentClient:
         try:
             return getattr(self._stub, method)(request, timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            detail = exc.details() if hasattr(exc, "details") else str(exc)
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise TimeoutError(f"guest agent {method} did not answer within {timeout}s") from exc
-            raise GuestError(f"guest agent {method} failed: {code}: {detail}") from exc
+            raise _error(method, exc, timeout) from exc
+
+    def _stream(self, method: str, request: object, timeout: float) -> Iterator[object]:
+        """A server-streaming call; closing the iterator early cancels the RPC."""
+        call = getattr(self._stub, method)(request, timeout=timeout, wait_for_ready=True)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise _error(method, exc, timeout) from exc
+        finally:
+            call.cancel()
 
     def health(self, timeout: float = 10.0) -> pb.HealthResponse:
         return self._call("Health", pb.HealthRequest(), timeout)  # type: ignore[return-value]
@@ -111,5 +118,47 @@ class AgentClient:
             raise ExecTimeout(argv, timeout, resp.stdout, resp.stderr)
         return ExecResult(tuple(argv), resp.exit_code, resp.stdout, resp.stderr, resp.duration_ms)
 
+    # Files: chunked streams (pytest_vmfork/files.py builds and reads them).
+
+    def put_file(self, requests: Iterable[pb.PutFileRequest], timeout: float) -> pb.PutResponse:
+        return self._call("PutFile", iter(requests), timeout)  # type: ignore[return-value]
+
+    def get_file(self, path: str, timeout: float) -> Iterator[pb.FileChunk]:
+        return self._stream("GetFile", pb.GetFileRequest(path=path), timeout)  # type: ignore[return-value]
+
+    def put_tree(self, requests: Iterable[pb.PutTreeRequest], timeout: float) -> pb.PutResponse:
+        return self._call("PutTree", iter(requests), timeout)  # type: ignore[return-value]
+
+    def get_tree(self, guest_dir: str, timeout: float) -> Iterator[pb.TreeEntry]:
+        return self._stream("GetTree", pb.GetTreeRequest(guest_dir=guest_dir), timeout)  # type: ignore[return-value]
+
+    # Background processes (pytest_vmfork/process.py).
+
+    def spawn(self, request: pb.SpawnRequest, timeout: float = 30.0) -> pb.SpawnResponse:
+        return self._call("Spawn", request, timeout)  # type: ignore[return-value]
+
+    def read_process(self, request: pb.ReadProcessRequest, timeout: float) -> pb.ProcessState:
+        return self._call("ReadProcess", request, timeout)  # type: ignore[return-value]
+
+    def signal_process(self, pid: int, sig: int, *, group: bool, timeout: float = 10.0) -> bool:
+        req = pb.SignalProcessRequest(pid=pid, signal=sig, group=group)
+        return self._call("SignalProcess", req, timeout).delivered  # type: ignore[attr-defined]
+
     def close(self) -> None:
         self._channel.close()
+
+
+def _error(method: str, exc: grpc.RpcError, timeout: float) -> Exception:
+    """The host-side error for a failed RPC: GuestFileError when the guest named an
+    errno and a path (file and process RPCs), TimeoutError past the deadline."""
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TimeoutError(f"guest agent {method} did not answer within {timeout}s")
+    meta = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+    name = meta.get("vmfork-errno")
+    if isinstance(name, str):
+        number = getattr(errno, name, None) if name.startswith("E") and name.isalnum() else None
+        path = str(meta.get("vmfork-path", ""))[:4096]
+        return GuestFileError(f"guest path {detail[:4096]}", guest_path=path, errno=number)
+    return GuestError(f"guest agent {method} failed: {code}: {detail}")

@@ -8,6 +8,8 @@
     │   ├── HandoffError the network handoff failed on both paths
     │   └── AckTimeout   a mailbox ack did not arrive in time
     ├── GuestError       the guest agent failed or an exec timed out
+    │   ├── GuestFileError   a guest file operation failed (errno + guest path)
+    │   └── ProcessTimeout   a spawned process did not exit in time
     └── StateError       an operation in the wrong lifecycle state
 """
 
@@ -56,6 +58,20 @@ class AckTimeout(RestoreError):
 
 class GuestError(VMForkError):
     """The guest agent could not run a request (including exec timeouts)."""
+
+
+class GuestFileError(GuestError):
+    """A file operation in the guest failed. ``errno`` is the guest's errno
+    (``errno.ENOENT``, ``errno.ENOSPC``, ...), ``guest_path`` the path it names."""
+
+    def __init__(self, message: str, *, guest_path: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.guest_path = guest_path
+        self.errno = errno
+
+
+class ProcessTimeout(GuestError):
+    """A spawned process did not exit (or print a line) within the timeout; it keeps running."""
 
 
 class StateError(VMForkError):

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
+from . import files
 from . import mailbox as mbx
+from . import process as proc
 from .agent import AgentClient, ExecResult
 from .errors import AckTimeout, ConfigError, GuestError, HandoffError, RestoreError, StateError
 from .leases import ForkLease
@@ -125,6 +127,7 @@ class VM:
         self._acks: AckListener | None = None
         self._forwards: dict[int, int] = {}
         self._own_run = False
+        self._processes: list[proc.Process] = []
 
     # --- public API -----------------------------------------------------------
 
@@ -164,6 +167,60 @@ class VM:
                 f"VM {self.name}: its QEMU (pid {self._qemu.pid}) exited {_exit_reason(self._qemu.proc.returncode)} "
                 f"while running {argv}", console_tail=self.console_tail()
             ) from exc
+
+    def _running_agent(self, operation: str) -> AgentClient:
+        if self.state != "running":
+            raise StateError(operation, self.state, "running")
+        assert self._agent is not None
+        return self._agent
+
+    def put(self, guest_path: str, data: files.Data, *, mode: int | None = None,
+            timeout: float = files.DEFAULT_TIMEOUT) -> None:
+        """Write a guest file: ``data`` is its content (bytes or str) or a host file
+        (a ``pathlib.Path``). Streamed in 1 MiB chunks; see pytest_vmfork/files.py."""
+        files.put(self._running_agent("put"), guest_path, data, mode=mode, timeout=timeout)
+
+    def get(self, guest_path: str, *, timeout: float = files.DEFAULT_TIMEOUT,
+            max_bytes: int = files.MAX_GET_BYTES) -> bytes:
+        """A guest file's content."""
+        return files.get(self._running_agent("get"), guest_path, timeout=timeout, max_bytes=max_bytes)
+
+    def put_tree(self, host_dir: "str | os.PathLike[str]", guest_dir: str, *,
+                 timeout: float = files.DEFAULT_TIMEOUT) -> None:
+        """Copy the contents of a host directory into ``guest_dir`` (modes and symlinks kept)."""
+        files.put_tree(self._running_agent("put_tree"), host_dir, guest_dir, timeout=timeout)
+
+    def get_tree(self, guest_dir: str, host_dir: "str | os.PathLike[str]", *,
+                 timeout: float = files.DEFAULT_TIMEOUT) -> None:
+        """Copy the contents of ``guest_dir`` into a host directory (modes and symlinks kept)."""
+        files.get_tree(self._running_agent("get_tree"), guest_dir, host_dir, timeout=timeout)
+
+    def spawn(
+        self,
+        argv: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        output_limit: int = proc.DEFAULT_OUTPUT_LIMIT,
+    ) -> proc.Process:
+        """Start a program in the background (a string runs under sh -c); see
+        pytest_vmfork/process.py. It dies with the fork at teardown."""
+        p = proc.spawn(self._running_agent("spawn"), self.name, argv, env=env, cwd=cwd, stdin=stdin,
+                       output_limit=output_limit)
+        self._processes.append(p)
+        return p
+
+    def report_sections(self) -> list[tuple[str, str]]:
+        """(title, text) sections for a failure report: the console tail, then every
+        spawned process that has exited, with its status and output tail."""
+        tail = self.console_tail() or self.timings.get("console_tail", "")
+        sections = [(f"vmfork console of {self.name} (last lines)", tail)]
+        for p in self._processes:
+            section = p.report_section()
+            if section is not None:
+                sections.append(section)
+        return sections
 
     def read_mailbox(self, name: str) -> Any:
         """The JSON payload the guest received in mailbox ``name`` (None if none)."""
@@ -236,6 +293,8 @@ class VM:
         if self.state == "closed":
             return
         self.state = "closed"
+        for p in self._processes:
+            p._forget()  # they die with QEMU: never an error
         if self._agent is not None:
             self._agent.close()
         if self._qemu is not None:

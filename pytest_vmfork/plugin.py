@@ -369,8 +369,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     item.stash.setdefault(_REPORTS, {})[report.when] = report
     if report.failed:
         for machine in item.stash.get(ITEM_VMS, []):
-            tail = machine.console_tail() or machine.timings.get("console_tail", "")
-            report.sections.append((f"vmfork console of {machine.name} (last lines)", tail))
+            report.sections.extend(machine.report_sections())
     return report
 
 

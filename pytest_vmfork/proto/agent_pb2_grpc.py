@@ -59,6 +59,41 @@ class AgentStub:
                 request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxRequest.SerializeToString,
                 response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxResponse.FromString,
                 _registered_method=True)
+        self.PutFile = channel.stream_unary(
+                '/vmfork.agent.v1.Agent/PutFile',
+                request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.PutFileRequest.SerializeToString,
+                response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.PutResponse.FromString,
+                _registered_method=True)
+        self.GetFile = channel.unary_stream(
+                '/vmfork.agent.v1.Agent/GetFile',
+                request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.GetFileRequest.SerializeToString,
+                response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.PutTree = channel.stream_unary(
+                '/vmfork.agent.v1.Agent/PutTree',
+                request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.PutTreeRequest.SerializeToString,
+                response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.PutResponse.FromString,
+                _registered_method=True)
+        self.GetTree = channel.unary_stream(
+                '/vmfork.agent.v1.Agent/GetTree',
+                request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.GetTreeRequest.SerializeToString,
+                response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.TreeEntry.FromString,
+                _registered_method=True)
+        self.Spawn = channel.unary_unary(
+                '/vmfork.agent.v1.Agent/Spawn',
+                request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.SpawnRequest.SerializeToString,
+                response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.SpawnResponse.FromString,
+                _registered_method=True)
+        self.ReadProcess = channel.unary_unary(
+                '/vmfork.agent.v1.Agent/ReadProcess',
+                request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.ReadProcessRequest.SerializeToString,
+                response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.ProcessState.FromString,
+                _registered_method=True)
+        self.SignalProcess = channel.unary_unary(
+                '/vmfork.agent.v1.Agent/SignalProcess',
+                request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessRequest.SerializeToString,
+                response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -100,6 +135,58 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutFile(self, request_iterator, context):
+        """Files (pytest_vmfork/files.py). Content travels in chunks of at most
+        CHUNK bytes (1 MiB), so a big file needs no big message and HTTP/2 flow
+        control interleaves it with every other RPC on the channel.
+        Write one guest file: a header, then its content.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFile(self, request, context):
+        """Read one guest file: a header (size, mode), then its content.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutTree(self, request_iterator, context):
+        """Write a tree under a guest directory: the directory, then its entries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTree(self, request, context):
+        """Read the tree under a guest directory, parents before their entries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Spawn(self, request, context):
+        """Background processes (pytest_vmfork/process.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadProcess(self, request, context):
+        """Output since the given offsets and the exit status; waits up to
+        wait_s for new output or the exit (a long poll, never a sleep).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignalProcess(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +214,41 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ReadMailbox,
                     request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxRequest.FromString,
                     response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxResponse.SerializeToString,
+            ),
+            'PutFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutFile,
+                    request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.PutFileRequest.FromString,
+                    response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.PutResponse.SerializeToString,
+            ),
+            'GetFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetFile,
+                    request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.GetFileRequest.FromString,
+                    response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.FileChunk.SerializeToString,
+            ),
+            'PutTree': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutTree,
+                    request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.PutTreeRequest.FromString,
+                    response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.PutResponse.SerializeToString,
+            ),
+            'GetTree': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetTree,
+                    request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.GetTreeRequest.FromString,
+                    response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.TreeEntry.SerializeToString,
+            ),
+            'Spawn': grpc.unary_unary_rpc_method_handler(
+                    servicer.Spawn,
+                    request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.SpawnRequest.FromString,
+                    response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.SpawnResponse.SerializeToString,
+            ),
+            'ReadProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadProcess,
+                    request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.ReadProcessRequest.FromString,
+                    response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.ProcessState.SerializeToString,
+            ),
+            'SignalProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalProcess,
+                    request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessRequest.FromString,
+                    response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +386,195 @@ class Agent:
             '/vmfork.agent.v1.Agent/ReadMailbox',
             pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxRequest.SerializeToString,
             pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/vmfork.agent.v1.Agent/PutFile',
+            pytest__vmfork_dot_proto_dot_agent__pb2.PutFileRequest.SerializeToString,
+            pytest__vmfork_dot_proto_dot_agent__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vmfork.agent.v1.Agent/GetFile',
+            pytest__vmfork_dot_proto_dot_agent__pb2.GetFileRequest.SerializeToString,
+            pytest__vmfork_dot_proto_dot_agent__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutTree(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/vmfork.agent.v1.Agent/PutTree',
+            pytest__vmfork_dot_proto_dot_agent__pb2.PutTreeRequest.SerializeToString,
+            pytest__vmfork_dot_proto_dot_agent__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTree(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vmfork.agent.v1.Agent/GetTree',
+            pytest__vmfork_dot_proto_dot_agent__pb2.GetTreeRequest.SerializeToString,
+            pytest__vmfork_dot_proto_dot_agent__pb2.TreeEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Spawn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmfork.agent.v1.Agent/Spawn',
+            pytest__vmfork_dot_proto_dot_agent__pb2.SpawnRequest.SerializeToString,
+            pytest__vmfork_dot_proto_dot_agent__pb2.SpawnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmfork.agent.v1.Agent/ReadProcess',
+            pytest__vmfork_dot_proto_dot_agent__pb2.ReadProcessRequest.SerializeToString,
+            pytest__vmfork_dot_proto_dot_agent__pb2.ProcessState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmfork.agent.v1.Agent/SignalProcess',
+            pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessRequest.SerializeToString,
+            pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -165,6 +165,14 @@ def report(doc: dict[str, Any]) -> str:
             table(["forks", "procs x forks", "elapsed s", "forks/s", "restore p50", "p95", "max"], rows)
         )
 
+    transfers = by_kind(benches, "file-transfer")
+    if transfers:
+        out += ["", "file transfer over the control channel (vm.put / vm.get; MiB/s = file size / round time)"]
+        rows = [[b["extra_info"]["direction"], b["extra_info"]["file_mib"], b["extra_info"]["rounds"],
+                 b["extra_info"]["mib_per_s_median"], b["extra_info"]["mib_per_s_min"],
+                 b["extra_info"]["mib_per_s_max"]] for b in transfers]
+        out.append(table(["direction", "file MiB", "rounds", "MiB/s median", "min", "max"], rows))
+
     for b in by_kind(benches, "memory"):
         info = b["extra_info"]
         out += [
