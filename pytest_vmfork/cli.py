@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import private
 from .accel import resolve_accel
 from .config import ACCELS, default_cache_dir
 from .errors import ConfigError, VMForkError
@@ -44,6 +45,7 @@ def load_template(spec: str | None) -> Template:
 def _snapshot(args: argparse.Namespace, run: Run) -> Snapshot:
     template = load_template(args.template)
     progress = print
+    private.private_dir(args.cache_dir, "cache directory")
     accel = resolve_accel(args.accel, args.cache_dir, template, progress)
     store = SnapshotStore(args.cache_dir, accel=accel, progress=progress)
     return store.get(template, run=run, rebuild=getattr(args, "rebuild", False))

@@ -18,6 +18,12 @@ so a recycled PID or a zombie never makes a dead run look alive, and nothing
 of a live run is ever touched. Locks are taken with short timeouts; what is
 locked is skipped and reported. ``<run root>/kept/`` (``--vmfork-keep-failed``)
 is only removed with ``include_kept=True``.
+
+What gc reads is trusted only from a verified private run root
+(:mod:`pytest_vmfork.private`), and a process is killed only if it is a QEMU of
+ours: the recorded start time, argv[0] ``qemu-system-*``, ``-name
+vmfork-<the VM's name>`` and this uid (a forged ``handles.json`` naming any
+other process is reported and left alone).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any, Callable, Container
 from filelock import FileLock, Timeout
 
 from . import leases as lz
+from . import private
 from .errors import ConfigError, VMForkError
 
 #: Seconds a lock may be waited for; gc never blocks a live run for longer.
@@ -239,9 +246,33 @@ def _judge_qemu(q: _Qemu) -> str | None:
     return None
 
 
-def _kill(pid: int, start: int) -> str | None:
-    """SIGKILL ``pid`` if it is still the process that started at ``start``
-    and wait for it to exit; None on success, else why not."""
+def _qemu_of_ours(pid: int, start: int, name: object) -> str | None:
+    """None if ``pid`` is the QEMU we started for VM ``name``: the same start
+    time, argv[0] ``qemu-system-*``, ``-name vmfork-<name>``, and running as this
+    uid; else why not. A forged handles.json cannot make gc kill anything else."""
+    st = _stat(pid)
+    if st is None or st.start != start:
+        return "it is not the process recorded (gone, or another start time)"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "it is gone"
+    if not os.path.basename(argv[0]).startswith(b"qemu-system-"):
+        return f"its argv[0] {argv[0][:64]!r} is not qemu-system-*"
+    names = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == b"-name"]
+    if not isinstance(name, str) or [n.split(b",")[0] for n in names] != [f"vmfork-{name}".encode()]:
+        return f"its -name {names[:1]!r} is not vmfork-{name}"
+    uid = next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), None)
+    if uid != str(os.geteuid()):
+        return f"it runs as uid {uid}, not {os.geteuid()}"
+    return None
+
+
+def _kill(pid: int, start: int, name: str) -> str | None:
+    """SIGKILL ``pid`` if it is still our QEMU of VM ``name`` that started at
+    ``start`` and wait for it to exit; None on success (or if it is gone), else
+    why not."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -252,6 +283,9 @@ def _kill(pid: int, start: int) -> str | None:
         st = _stat(pid)  # after pidfd_open: the pidfd pins this exact process
         if st is None or st.start != start:
             return None  # exited (and the PID maybe reused) since the scan
+        foreign = _qemu_of_ours(pid, start, name)
+        if foreign is not None:
+            return f"not a QEMU of ours: {foreign}"
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -285,6 +319,7 @@ class _Gc:
     qemus: list[_Qemu] = field(default_factory=list)
     live_lease_runs: set[str] = field(default_factory=set)
     lease_bridges: set[str] = field(default_factory=set)
+    run_root_trusted: bool = True
 
     def check_time(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -292,7 +327,19 @@ class _Gc:
 
     # --- VMM processes and run directories -----------------------------------
 
+    def trust_run_root(self) -> None:
+        """Handles are trusted only from a verified private run root."""
+        if not self.run_root.exists():
+            return
+        try:
+            private.private_dir(self.run_root, "run directory base", create=False)
+        except private.PrivateDirError as exc:
+            self.run_root_trusted = False
+            self.report.skip("run-root", self.run_root, f"not trusted, nothing in it is acted on: {exc}")
+
     def kill_orphans(self) -> None:
+        if not self.run_root_trusted:
+            return
         self.qemus = _scan_qemus([self.run_root])
         for q in self.qemus:
             q.orphan = _judge_qemu(q)
@@ -302,7 +349,7 @@ class _Gc:
             if self.dry_run:
                 self.report.remove("vmm", name, q.orphan)
                 continue
-            why = _kill(q.pid, q.start)
+            why = _kill(q.pid, q.start, q.name)
             if why is None:
                 self.report.remove("vmm", name, q.orphan)
             else:
@@ -338,10 +385,15 @@ class _Gc:
         if any(q.pid == pid for q in self.qemus):
             return not self._failed_kill_in(vm_dir)
         name = f"pid {pid} ({handles.get('name', vm_dir.name)})"
+        foreign = _qemu_of_ours(pid, start, handles.get("name"))
+        if foreign is not None:  # a stale or forged handle: that process is none of ours
+            self.report.skip("vmm", name, f"handles.json names it, but it is not a QEMU of ours "
+                                          f"({foreign}); left alone")
+            return True
         if self.dry_run:
             self.report.remove("vmm", name, f"owner {why}")
             return True
-        failed = _kill(pid, start)
+        failed = _kill(pid, start, handles.get("name", vm_dir.name))
         if failed is None:
             self.report.remove("vmm", name, f"owner {why}")
             return True
@@ -363,7 +415,7 @@ class _Gc:
         return True
 
     def runs(self) -> None:
-        if not self.run_root.is_dir():
+        if not self.run_root_trusted or not self.run_root.is_dir():
             return
         for run_dir in sorted(self.run_root.iterdir()):
             self.check_time()
@@ -807,6 +859,7 @@ def collect(
         deadline=None if budget_s is None else t0 + budget_s,
     )
     phases: list[tuple[str, Callable[[], None]]] = [
+        ("run root", gc.trust_run_root),
         ("lease records", gc.read_leases),
         ("VMM processes", gc.kill_orphans),
         ("run directories", gc.runs),

@@ -36,7 +36,6 @@ import re
 import secrets
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -45,6 +44,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
+from . import private
 from .errors import ConfigError, VMForkError
 
 DEFAULT_POOL = "10.213.0.0/16"
@@ -70,29 +70,34 @@ _SUBNET_FILE_RE = re.compile(r"(subnet|reclaim)-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)\.j
 
 
 def default_lease_root() -> Path:
-    """``/run/vmfork`` when writable (tmpfs: cleared by a reboot, shared by every
-    run of root on the host), else a per-user directory under the temp dir.
+    """``/run/vmfork`` when this uid can use it (tmpfs: cleared by a reboot, shared
+    by every run of root on the host), else ``leases/`` in this uid's private run
+    directory base. Either way a verified private directory (pytest_vmfork.private).
 
     The fallback is only shared by one user's runs; bridges of other users are
     still avoided because their gateway addresses show up as host routes.
     """
     run = RUN_LEASE_ROOT
     try:
-        run.mkdir(mode=0o755, exist_ok=True)
-        if os.access(run, os.W_OK | os.X_OK):
-            return run
+        run.mkdir(mode=private.PRIVATE_MODE, exist_ok=True)
+        if os.access(run, os.W_OK | os.X_OK) and os.lstat(run).st_uid == os.geteuid():
+            return private.private_dir(run, "lease root", create=False)
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"vmfork-{os.getuid()}" / "leases"
+    return private.private_dir(private.private_dir(private.run_base_dir(), "run directory base") / "leases",
+                               "lease root")
 
 
 def _root(lease_root: Path | str | None) -> Path:
-    return default_lease_root() if lease_root is None else Path(lease_root)
+    """The lease root, verified private (PrivateDirError names the fix otherwise)."""
+    if lease_root is None:
+        return default_lease_root()
+    return private.private_dir(Path(lease_root), "lease root")
 
 
 def _ensure_dir(path: Path) -> Path:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=private.PRIVATE_MODE, parents=True, exist_ok=True)
     except OSError as exc:
         raise VMForkError(
             f"cannot create lease directory {path}: {exc.strerror}; make it writable "
@@ -151,10 +156,8 @@ class _Locked:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
+    """Atomic (a reader sees the old file or the whole new one), never through a symlink."""
+    private.write_json(path, data)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

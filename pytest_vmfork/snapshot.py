@@ -274,7 +274,7 @@ class SnapshotStore:
                 capabilities=[{"capability": "x-ignore-shared", "state": True},
                               {"capability": "events", "state": True}],
             )
-            qemu.cmd("migrate", uri=f"exec:cat > {staging / 'state.bin'}")
+            qemu.migrate_to_file(staging / "state.bin")
             qemu.wait_migration(timeout=120)
         except VMForkError as exc:
             if isinstance(exc, BuildError):

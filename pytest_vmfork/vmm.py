@@ -29,6 +29,7 @@ import struct
 import subprocess
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +46,21 @@ PORT_EVT = "org.vmfork.evt"
 DOORBELL = b"R"
 FRAME = struct.Struct("<II")  # ctl channel framing: session id, length (0 ends the session)
 CONSOLE_TAIL_LINES = 40
+#: QEMU's seccomp filter, on for every QEMU (template and forks): no obsolete
+#: system calls, no set*uid/gid, no fork/exec (device state goes through file
+#: descriptors we open and pass, never ``exec:``), no scheduler/affinity changes.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: Bounds on the guest's event channel (untrusted input): the longest line, and
+#: a token bucket of lines (a fork emits a handful; a flood is an attack or a bug).
+MAX_EVENT_LINE = 4096
+EVENT_RATE_PER_S = 200.0
+EVENT_BURST = 400
+EVENT_LINES_KEPT = 64
+MAX_CTL_FRAME = 1 << 20  # one control-channel frame from the guest (the agent's are 64 KiB)
+
+
+class EventChannelError(EOFError):
+    """The guest broke the event channel's bounds; its QEMU was killed."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ class MachineSpec:
             "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
             "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'}",
             "-mon", "chardev=qmp,mode=control",
+            "-sandbox", SANDBOX,
         ]
         if incoming:
             argv += ["-incoming", "defer", "-S"]
@@ -136,7 +153,8 @@ class QemuProcess:
     evt_writer: asyncio.StreamWriter
     ctl_reader: asyncio.StreamReader
     ctl_writer: asyncio.StreamWriter
-    lines: list[str] = field(default_factory=list)
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=EVENT_LINES_KEPT))
+    fault: str | None = None  # why the guest's event channel was cut off
     _line_waiters: list[tuple[Callable[[dict[str, str]], bool], asyncio.Future[dict[str, str]]]] = field(
         default_factory=list
     )
@@ -268,12 +286,20 @@ class QemuProcess:
         try:
             while True:
                 sid, length = FRAME.unpack(await self.ctl_reader.readexactly(FRAME.size))
+                if length > MAX_CTL_FRAME:  # the agent sends at most 64 KiB at a time
+                    self._cut_off(f"the guest sent a control-channel frame of {length} bytes "
+                                  f"(more than {MAX_CTL_FRAME})")
+                    break
                 data = await self.ctl_reader.readexactly(length) if length else b""
                 client = self._client
                 if client is None or sid != self._sid:
                     continue  # a session that ended: drop its late bytes
                 if data:
                     client.write(data)
+                    try:  # back-pressure: the guest waits for a slow client, we buffer nothing more
+                        await client.drain()
+                    except ConnectionError:
+                        pass
                 else:
                     client.close()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -281,22 +307,54 @@ class QemuProcess:
                 self._client.close()
 
     async def _pump_lines(self) -> None:
-        """Dispatch ``vmfork-evt k=v ...`` lines from the guest to waiters."""
-        while True:
-            raw = await self.evt_reader.readline()
-            if not raw:
+        """Dispatch ``vmfork-evt k=v ...`` lines from the guest to waiters.
+
+        The guest is untrusted: a line longer than MAX_EVENT_LINE or more lines
+        than the token bucket allows (EVENT_RATE_PER_S, EVENT_BURST) kill this
+        QEMU and fail its waiters with EventChannelError naming the cause; at
+        most one line and EVENT_LINES_KEPT past lines are held in memory."""
+        buf = b""
+        tokens, last = float(EVENT_BURST), time.monotonic()
+        while self.fault is None:
+            chunk = await self.evt_reader.read(65536)
+            if not chunk:
                 break
-            text = raw.decode("ascii", "replace").strip()
-            self.lines.append(text)
-            if not text.startswith("vmfork-evt "):
-                continue
-            fields = dict(tok.partition("=")[::2] for tok in text.split(" ")[1:] if "=" in tok)
-            for pred, fut in list(self._line_waiters):
-                if not fut.done() and pred(fields):
-                    fut.set_result(fields)
+            buf += chunk
+            *complete, buf = buf.split(b"\n")
+            if len(buf) > MAX_EVENT_LINE or any(len(raw) > MAX_EVENT_LINE for raw in complete):
+                self._cut_off(f"the guest sent an event line longer than {MAX_EVENT_LINE} bytes")
+                break
+            now = time.monotonic()
+            tokens = min(float(EVENT_BURST), tokens + (now - last) * EVENT_RATE_PER_S) - len(complete)
+            last = now
+            if tokens < 0:
+                self._cut_off(f"the guest flooded the event channel (more than {EVENT_BURST} lines at once "
+                              f"or {EVENT_RATE_PER_S:g} lines/s)")
+                break
+            for raw in complete:
+                self._dispatch(raw.decode("ascii", "replace").strip())
+        error = EventChannelError(f"event channel closed: {self.fault or 'QEMU exited'}")
         for _, fut in self._line_waiters:
             if not fut.done():
-                fut.set_exception(EOFError("event channel closed: QEMU exited"))
+                fut.set_exception(error)
+
+    def _dispatch(self, text: str) -> None:
+        self.lines.append(text)
+        if not text.startswith("vmfork-evt "):
+            return
+        fields = dict(tok.partition("=")[::2] for tok in text.split(" ")[1:] if "=" in tok)
+        for pred, fut in list(self._line_waiters):
+            if not fut.done() and pred(fields):
+                fut.set_result(fields)
+
+    def _cut_off(self, why: str) -> None:
+        """The guest broke the channel's bounds: this fork is over (its QEMU is
+        killed, so the guest cannot keep the host busy)."""
+        self.fault = f"{why}; its QEMU (pid {self.pid}) was killed"
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def expect_event(self, pred: Callable[[dict[str, str]], bool]) -> asyncio.Future[dict[str, str]]:
         """Register interest in a guest event *before* triggering it (no lost wake-ups)."""
@@ -305,7 +363,7 @@ class QemuProcess:
             fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
             self._line_waiters.append((pred, fut))
             if self._pump is not None and self._pump.done():
-                fut.set_exception(EOFError("event channel closed: QEMU exited"))
+                fut.set_exception(EventChannelError(f"event channel closed: {self.fault or 'QEMU exited'}"))
             return fut
 
         return _loop.run(register())
@@ -334,6 +392,33 @@ class QemuProcess:
     def cmd(self, command: str, timeout: float = 30.0, **args: Any) -> Any:
         """Execute one QMP command and return its result."""
         return _loop.run(self.qmp.execute(command, args or None), timeout=timeout)
+
+    def migrate_from_file(self, path: Path, timeout: float = 30.0) -> None:
+        """Start loading the device state from ``path`` (an incoming migration).
+
+        The file is opened here and handed to QEMU over QMP (``getfd``): QEMU's
+        sandbox denies spawning the ``exec:cat`` helper, and QEMU needs no access
+        to the path."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _loop.run(self._pass_fd(fd, "state"), timeout=timeout)
+        finally:
+            os.close(fd)
+        self.cmd("migrate-incoming", timeout=timeout, uri="fd:state")
+
+    def migrate_to_file(self, path: Path, timeout: float = 30.0) -> None:
+        """Start saving the device state to ``path`` (created, never through a
+        symlink or over an existing file), passed to QEMU as a descriptor."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            _loop.run(self._pass_fd(fd, "state"), timeout=timeout)
+        finally:
+            os.close(fd)
+        self.cmd("migrate", timeout=timeout, uri="fd:state")
+
+    async def _pass_fd(self, fd: int, name: str) -> None:
+        self.qmp.send_fd_scm(fd)
+        await self.qmp.execute("getfd", {"fdname": name})
 
     def wait_migration(self, timeout: float) -> None:
         """Wait until an incoming or outgoing migration completes (MIGRATION events)."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpytest_vmfork/proto/agent.proto\x12\x0fvmfork.agent.v1\"\x0f\n\rHealthRequest\"v\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\x12\x16\n\x0ekernel_release\x18\x05 \x01(\t\"\xaa\x01\n\x0b\x45xecRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x32\n\x03\x65nv\x18\x02 \x03(\x0b\x32%.vmfork.agent.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\r\n\x05stdin\x18\x04 \x01(\x0c\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x0c\x45xecResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"\x11\n\x0f\x44\x65scribeRequest\"B\n\x0bMailboxInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fguest_phys_addr\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\"\x95\x01\n\x10\x44\x65scribeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12/\n\tmailboxes\x18\x02 \x03(\x0b\x32\x1c.vmfork.agent.v1.MailboxInfo\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x16\n\x0ekernel_release\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"\x84\x01\n\rNetworkConfig\x12\x11\n\tinterface\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0c\n\x04ipv4\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\r\x12\x0f\n\x07gateway\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63k_port\x18\x06 \x01(\r\x12\x12\n\ngeneration\x18\x07 \x01(\x04\".\n\x1aReconfigureNetworkResponse\x12\x10\n\x08\x61pply_ms\x18\x01 \x01(\x01\"\"\n\x12ReadMailboxRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x13ReadMailboxResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x32\xa5\x03\n\x05\x41gent\x12I\n\x06Health\x12\x1e.vmfork.agent.v1.HealthRequest\x1a\x1f.vmfork.agent.v1.HealthResponse\x12\x43\n\x04\x45xec\x12\x1c.vmfork.agent.v1.ExecRequest\x1a\x1d.vmfork.agent.v1.ExecResponse\x12O\n\x08\x44\x65scribe\x12 .vmfork.agent.v1.DescribeRequest\x1a!.vmfork.agent.v1.DescribeResponse\x12\x61\n\x12ReconfigureNetwork\x12\x1e.vmfork.agent.v1.NetworkConfig\x1a+.vmfork.agent.v1.ReconfigureNetworkResponse\x12X\n\x0bReadMailbox\x12#.vmfork.agent.v1.ReadMailboxRequest\x1a$.vmfork.agent.v1.ReadMailboxResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpytest_vmfork/proto/agent.proto\x12\x0fvmfork.agent.v1\"\x0f\n\rHealthRequest\"v\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\x12\x16\n\x0ekernel_release\x18\x05 \x01(\t\"\xc0\x01\n\x0b\x45xecRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x32\n\x03\x65nv\x18\x02 \x03(\x0b\x32%.vmfork.agent.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\r\n\x05stdin\x18\x04 \x01(\x0c\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x14\n\x0coutput_limit\x18\x06 \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\x0c\x45xecResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x12\x16\n\x0estdout_dropped\x18\x06 \x01(\x04\x12\x16\n\x0estderr_dropped\x18\x07 \x01(\x04\"\x11\n\x0f\x44\x65scribeRequest\"B\n\x0bMailboxInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fguest_phys_addr\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\"\x95\x01\n\x10\x44\x65scribeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12/\n\tmailboxes\x18\x02 \x03(\x0b\x32\x1c.vmfork.agent.v1.MailboxInfo\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x16\n\x0ekernel_release\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"\x84\x01\n\rNetworkConfig\x12\x11\n\tinterface\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0c\n\x04ipv4\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\r\x12\x0f\n\x07gateway\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63k_port\x18\x06 \x01(\r\x12\x12\n\ngeneration\x18\x07 \x01(\x04\".\n\x1aReconfigureNetworkResponse\x12\x10\n\x08\x61pply_ms\x18\x01 \x01(\x01\"\"\n\x12ReadMailboxRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x13ReadMailboxResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x32\xa5\x03\n\x05\x41gent\x12I\n\x06Health\x12\x1e.vmfork.agent.v1.HealthRequest\x1a\x1f.vmfork.agent.v1.HealthResponse\x12\x43\n\x04\x45xec\x12\x1c.vmfork.agent.v1.ExecRequest\x1a\x1d.vmfork.agent.v1.ExecResponse\x12O\n\x08\x44\x65scribe\x12 .vmfork.agent.v1.DescribeRequest\x1a!.vmfork.agent.v1.DescribeResponse\x12\x61\n\x12ReconfigureNetwork\x12\x1e.vmfork.agent.v1.NetworkConfig\x1a+.vmfork.agent.v1.ReconfigureNetworkResponse\x12X\n\x0bReadMailbox\x12#.vmfork.agent.v1.ReadMailboxRequest\x1a$.vmfork.agent.v1.ReadMailboxResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,25 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHRESPONSE']._serialized_start=69
   _globals['_HEALTHRESPONSE']._serialized_end=187
   _globals['_EXECREQUEST']._serialized_start=190
-  _globals['_EXECREQUEST']._serialized_end=360
-  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=318
-  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=360
-  _globals['_EXECRESPONSE']._serialized_start=362
-  _globals['_EXECRESPONSE']._serialized_end=467
-  _globals['_DESCRIBEREQUEST']._serialized_start=469
-  _globals['_DESCRIBEREQUEST']._serialized_end=486
-  _globals['_MAILBOXINFO']._serialized_start=488
-  _globals['_MAILBOXINFO']._serialized_end=554
-  _globals['_DESCRIBERESPONSE']._serialized_start=557
-  _globals['_DESCRIBERESPONSE']._serialized_end=706
-  _globals['_NETWORKCONFIG']._serialized_start=709
-  _globals['_NETWORKCONFIG']._serialized_end=841
-  _globals['_RECONFIGURENETWORKRESPONSE']._serialized_start=843
-  _globals['_RECONFIGURENETWORKRESPONSE']._serialized_end=889
-  _globals['_READMAILBOXREQUEST']._serialized_start=891
-  _globals['_READMAILBOXREQUEST']._serialized_end=925
-  _globals['_READMAILBOXRESPONSE']._serialized_start=927
-  _globals['_READMAILBOXRESPONSE']._serialized_end=985
-  _globals['_AGENT']._serialized_start=988
-  _globals['_AGENT']._serialized_end=1409
+  _globals['_EXECREQUEST']._serialized_end=382
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=340
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=382
+  _globals['_EXECRESPONSE']._serialized_start=385
+  _globals['_EXECRESPONSE']._serialized_end=538
+  _globals['_DESCRIBEREQUEST']._serialized_start=540
+  _globals['_DESCRIBEREQUEST']._serialized_end=557
+  _globals['_MAILBOXINFO']._serialized_start=559
+  _globals['_MAILBOXINFO']._serialized_end=625
+  _globals['_DESCRIBERESPONSE']._serialized_start=628
+  _globals['_DESCRIBERESPONSE']._serialized_end=777
+  _globals['_NETWORKCONFIG']._serialized_start=780
+  _globals['_NETWORKCONFIG']._serialized_end=912
+  _globals['_RECONFIGURENETWORKRESPONSE']._serialized_start=914
+  _globals['_RECONFIGURENETWORKRESPONSE']._serialized_end=960
+  _globals['_READMAILBOXREQUEST']._serialized_start=962
+  _globals['_READMAILBOXREQUEST']._serialized_end=996
+  _globals['_READMAILBOXRESPONSE']._serialized_start=998
+  _globals['_READMAILBOXRESPONSE']._serialized_end=1056
+  _globals['_AGENT']._serialized_start=1059
+  _globals['_AGENT']._serialized_end=1480
 # @@protoc_insertion_point(module_scope)
