@@ -38,7 +38,7 @@ from .network import USER_NET, AckListener, RunNetwork, open_tap, tap_netdev, us
 from .proto import agent_pb2 as pb
 from .run import Run, write_handles
 from .snapshot import Snapshot, require_mailboxes
-from .vmm import ProcMem, QemuProcess
+from .vmm import FORK_FILE_LIMIT, ProcMem, QemuProcess
 
 if TYPE_CHECKING:
     from .pool import WarmPool
@@ -192,7 +192,15 @@ class VM:
         require_mailboxes(self.snapshot, [name])
         assert self._agent is not None
         got = self._agent.read_mailbox(name)
-        return json.loads(got.payload) if got.payload else None
+        limit = mbx.capacity(mbx.DEFAULT_SIZE)
+        if len(got.payload) > limit:  # the guest is untrusted: no mailbox holds more
+            raise GuestError(f"VM {self.name}: the guest returned {len(got.payload)} bytes for mailbox {name!r}, "
+                             f"more than a mailbox holds ({limit})")
+        try:
+            return json.loads(got.payload) if got.payload else None
+        except ValueError as exc:
+            raise GuestError(f"VM {self.name}: the guest returned a mailbox {name!r} payload that is not "
+                             f"JSON: {exc}") from exc
 
     def deliver(self, mailboxes: Mapping[str, Any], *, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
         """Deliver new payloads to this running fork: a second resume of the same memory.
@@ -322,7 +330,8 @@ class VM:
             name=self.name,
         )
         try:
-            qemu = self._qemu = QemuProcess.start(argv, self.dir, self.name, pass_fds=fds)
+            qemu = self._qemu = QemuProcess.start(argv, self.dir, self.name, pass_fds=fds,
+                                                  file_limit=FORK_FILE_LIMIT)
         finally:
             for fd in fds:
                 os.close(fd)  # QEMU holds the TAP now; ours would keep it alive after QEMU
@@ -460,6 +469,9 @@ class VM:
 
 
 def _exit_reason(code: int | None) -> str:
+    if code == -signal.SIGXFSZ:
+        return (f"killed by signal {-code} (SIGXFSZ): its console log reached the limit of {FORK_FILE_LIMIT} "
+                "bytes (the guest wrote too much to its serial console)")
     if code is not None and code < 0:
         return f"killed by signal {-code} ({signal.Signals(-code).name})"
     return f"with status {code}"

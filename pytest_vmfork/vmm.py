@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -57,6 +58,11 @@ EVENT_RATE_PER_S = 200.0
 EVENT_BURST = 400
 EVENT_LINES_KEPT = 64
 MAX_CTL_FRAME = 1 << 20  # one control-channel frame from the guest (the agent's are 64 KiB)
+#: RLIMIT_FSIZE of a fork's QEMU: the largest file it may write, i.e. its console
+#: log (the guest decides what goes there) and its stderr. Beyond it writes fail:
+#: the serial output is dropped (console_tail says so), or, if the write came from
+#: a QEMU thread that does not block SIGXFSZ, QEMU dies and the fork fails naming it.
+FORK_FILE_LIMIT = 8 * 1024 * 1024
 
 
 class EventChannelError(EOFError):
@@ -155,6 +161,7 @@ class QemuProcess:
     ctl_writer: asyncio.StreamWriter
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=EVENT_LINES_KEPT))
     fault: str | None = None  # why the guest's event channel was cut off
+    file_limit: int | None = None  # RLIMIT_FSIZE: the console log's bound
     _line_waiters: list[tuple[Callable[[dict[str, str]], bool], asyncio.Future[dict[str, str]]]] = field(
         default_factory=list
     )
@@ -179,15 +186,19 @@ class QemuProcess:
 
     @classmethod
     def start(
-        cls, argv: list[str], workdir: Path, name: str, *, timeout: float = 20.0, pass_fds: tuple[int, ...] = ()
+        cls, argv: list[str], workdir: Path, name: str, *, timeout: float = 20.0, pass_fds: tuple[int, ...] = (),
+        file_limit: int | None = None,
     ) -> "QemuProcess":
         """Spawn QEMU and wait until it has connected its QMP and event sockets.
-        ``pass_fds`` are inherited by QEMU (a TAP fd); the caller closes its copies."""
-        return _loop.run(cls._start(argv, workdir, name, timeout, pass_fds), timeout=timeout + 5)
+        ``pass_fds`` are inherited by QEMU (a TAP fd); the caller closes its copies.
+        ``file_limit`` bounds every file QEMU writes (RLIMIT_FSIZE; a fork's
+        console log), set before QEMU has run the guest at all."""
+        return _loop.run(cls._start(argv, workdir, name, timeout, pass_fds, file_limit), timeout=timeout + 5)
 
     @classmethod
     async def _start(
-        cls, argv: list[str], workdir: Path, name: str, timeout: float, pass_fds: tuple[int, ...]
+        cls, argv: list[str], workdir: Path, name: str, timeout: float, pass_fds: tuple[int, ...],
+        file_limit: int | None,
     ) -> "QemuProcess":
         loop = asyncio.get_running_loop()
         conns: dict[str, asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
@@ -220,6 +231,8 @@ class QemuProcess:
         finally:
             log.close()
         try:
+            if file_limit is not None:  # QEMU is still starting: it has not run a guest instruction yet
+                resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (file_limit, file_limit))
             accept = asyncio.ensure_future(qmp.accept())
             deadline = time.monotonic() + timeout
             while not accept.done():
@@ -253,6 +266,7 @@ class QemuProcess:
             ctl_reader=ctl_reader,
             ctl_writer=ctl_writer,
             _servers=servers,
+            file_limit=file_limit,
         )
         self._pump = asyncio.ensure_future(self._pump_lines())
         self._tasks.append(asyncio.ensure_future(self._pump_ctl()))
@@ -447,7 +461,15 @@ class QemuProcess:
         return str(self.cmd("query-status")["status"])
 
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
-        return _tail(self.console_path, lines)
+        tail = _tail(self.console_path, lines)
+        try:
+            full = self.file_limit is not None and self.console_path.stat().st_size >= self.file_limit
+        except OSError:
+            full = False
+        if full:
+            tail += (f"\n[vmfork: the console log reached its limit of {self.file_limit} bytes; "
+                     "later console output was dropped]")
+        return tail
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import RestoreError
+from pytest_vmfork import RestoreError, fork
 
 #: The stated bound: the test process's peak RSS grows by less than this while a
 #: guest prints 2 GiB (8 MiB per stream are kept; gRPC holds a copy or two).
@@ -125,4 +126,20 @@ def test_a_guest_abusing_the_event_channel_fails_its_own_fork_only(vm_factory, a
     assert (rss_kib("VmHWM") - before) / 1024 < RSS_BOUND_MIB
     assert not victim.alive()
     assert bystander.exec(["true"]).returncode == 0
+    assert vm_factory().exec(["echo", "next"]).stdout == b"next\n"
+
+
+def test_a_guest_flooding_its_serial_console_is_bounded_by_the_log_limit(vmfork_snapshot, vm_factory, monkeypatch):
+    limit = 100_000  # the default is 8 MiB; the guest's serial port writes ~200 KB/s under TCG
+    monkeypatch.setattr(sys.modules["pytest_vmfork.fork"], "FORK_FILE_LIMIT", limit)
+    with fork(vmfork_snapshot) as victim:  # not from the warm pool: spawned with this limit
+        try:
+            victim.exec("head -c 300000 /dev/zero > /dev/ttyS0", timeout=120)
+        except RestoreError as exc:  # the write hit a QEMU thread that takes SIGXFSZ: the fork fails, naming it
+            assert f"SIGXFSZ): its console log reached the limit of {limit} bytes" in str(exc)
+        else:  # the usual case: QEMU's vCPU thread blocks SIGXFSZ, the write fails, the output is dropped
+            assert victim.exec(["true"]).returncode == 0
+            assert victim.console_tail().endswith(f"[vmfork: the console log reached its limit of {limit} "
+                                                  "bytes; later console output was dropped]")
+            assert (victim.dir / "console.log").stat().st_size == limit
     assert vm_factory().exec(["echo", "next"]).stdout == b"next\n"
