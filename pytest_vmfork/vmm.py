@@ -215,7 +215,8 @@ class QemuProcess:
             servers.append(await asyncio.start_unix_server(on_conn, path=str(workdir / f"{chan}.sock")))
         qmp = QMPClient(name)
         await qmp.start_server(str(workdir / "qmp.sock"))
-        log = open(workdir / "qemu.stderr", "wb")
+        log = os.fdopen(os.open(workdir / "qemu.stderr", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, 0o600), "wb")
         try:
             # setpriv sets PR_SET_PDEATHSIG: QEMU dies with this (long-lived) thread,
             # so a killed pytest worker cannot leave VMs behind.
@@ -232,7 +233,10 @@ class QemuProcess:
             log.close()
         try:
             if file_limit is not None:  # QEMU is still starting: it has not run a guest instruction yet
-                resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (file_limit, file_limit))
+                try:
+                    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (file_limit, file_limit))
+                except ProcessLookupError:
+                    pass  # it exited already: reported with its stderr below
             accept = asyncio.ensure_future(qmp.accept())
             deadline = time.monotonic() + timeout
             while not accept.done():
