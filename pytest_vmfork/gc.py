@@ -171,7 +171,7 @@ def _record_gone(pid: object, start_time: object, boot: object, written: float |
     return lz.owner_gone(pid, start_time, boot)
 
 
-_read_json = lz._read_json  # None if missing, {} if unreadable: one reader for every record
+_read_json = lz.read_record  # None if missing, {} if unreadable: one reader for every record
 
 
 def _mtime(path: Path) -> float | None:
@@ -500,40 +500,21 @@ class _Gc:
     def read_leases(self) -> None:
         """Which runs hold a live lease, and which bridges leases name (no lock:
         lease files are replaced atomically)."""
-        host = lz.host_lease_dir(self.lease_root)
-        if not host.is_dir():
-            return
-        for path in host.glob("subnet-*.json"):
-            data = _read_json(path)
-            if not data:
-                continue
-            subnet = lz._file_subnet(path, data)
-            if subnet is not None:
-                self.lease_bridges.add(lz._safe_bridge(data, subnet))
-            if lz._lease_gone(data) is None:
-                self.live_lease_runs.add(str(data.get("run_id")))
-        for path in host.glob("reclaim-*.json"):
-            data = _read_json(path)
-            if not data:
-                continue
-            subnet = lz._file_subnet(path, data)
-            lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
-            if subnet is not None:
-                self.lease_bridges.add(lz._safe_bridge(lease, subnet))
+        self.lease_bridges, self.live_lease_runs = lz.lease_summary(self.lease_root)
 
     def leases(self) -> None:
         host = lz.host_lease_dir(self.lease_root)
         if not host.is_dir():
             return
         if self.dry_run:
-            for stale in self._stale_leases(take=False):
+            for stale in lz.stale_leases(self.lease_root, take=False):
                 self.report.remove("subnet-lease", stale.subnet, f"run {stale.run_id}: {stale.reason}")
                 self._delete_bridge(stale.bridge, f"its lease is stale ({stale.reason})")
             self._orphan_run_leases(remove=False)
             return
         try:
-            with lz._Locked(host / ".lock", self.lock_timeout, "host lease"):
-                reclaimed = self._stale_leases(take=True)
+            with lz.host_lock(self.lease_root, self.lock_timeout):
+                reclaimed = lz.stale_leases(self.lease_root, take=True)
         except VMForkError:
             self.report.skip("subnet-leases", host,
                              f"the host lease lock was busy for {self.lock_timeout:g}s")
@@ -547,10 +528,10 @@ class _Gc:
             except Exception as exc:  # the tombstone stays: the next gc or run finishes it
                 self.report.skip("bridge", stale.bridge, f"deleting it failed: {exc}")
         try:
-            with lz._Locked(host / ".lock", self.lock_timeout, "host lease"):
+            with lz.host_lock(self.lease_root, self.lock_timeout):
                 for stale in done:  # the bridges are gone: unblock the subnets
                     lz.finish_reclaim(stale)
-                live = self._live_run_ids(host)  # under the lock: no run can join meanwhile
+                live = lz.live_run_ids(self.lease_root)  # under the lock: no run can join meanwhile
                 for stale in done:
                     if stale.run_id not in live:
                         with contextlib.suppress(ConfigError):
@@ -562,62 +543,6 @@ class _Gc:
             self.report.skip("subnet-leases", host,
                              "the host lease lock was busy; the reclaim finishes on the next gc or run")
 
-    def _stale_leases(self, *, take: bool) -> list[lz.StaleLease]:
-        """Stale subnet leases and abandoned tombstones. ``take``: under the
-        host lock, turn them into tombstones owned by this process (as
-        acquire_subnet does), so no run can lease the subnet meanwhile."""
-        host = lz.host_lease_dir(self.lease_root)
-        me = (os.getpid(), lz.process_start_time(os.getpid()))
-        out: list[lz.StaleLease] = []
-        for path in sorted(host.glob("reclaim-*.json")):
-            data = _read_json(path)
-            if data is None:
-                continue
-            subnet = lz._file_subnet(path, data)
-            why = lz.owner_gone(data.get("reclaimer_pid"), data.get("reclaimer_start_time"),
-                                data.get("boot_id"))
-            if why is None or subnet is None:
-                continue
-            lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
-            reason = f"unfinished cleanup ({why})"
-            if take:
-                out.append(lz._tombstone(host, subnet, lease, reason, me))
-            else:
-                out.append(lz.StaleLease(subnet, lz._safe_bridge(lease, subnet),
-                                         str(lease.get("run_id", "?")), None, reason, path))
-        for path in sorted(host.glob("subnet-*.json")):
-            data = _read_json(path)
-            if data is None:
-                continue
-            subnet = lz._file_subnet(path, data)
-            if subnet is None:
-                continue
-            why = lz._lease_gone(data)
-            if why is None:
-                continue
-            if take:
-                out.append(lz._tombstone(host, subnet, data, why, me))
-                path.unlink(missing_ok=True)
-            else:
-                out.append(lz.StaleLease(subnet, lz._safe_bridge(data, subnet), str(data.get("run_id", "?")),
-                                         None, why, path))
-        return out
-
-    def _live_run_ids(self, host: Path) -> set[str]:
-        """Runs with a live lease or a live reclaimer's tombstone."""
-        live = set()
-        for path in host.glob("subnet-*.json"):
-            data = _read_json(path)
-            if data and lz._lease_gone(data) is None:
-                live.add(str(data.get("run_id")))
-        for path in host.glob("reclaim-*.json"):
-            data = _read_json(path)
-            if data and lz.owner_gone(data.get("reclaimer_pid"), data.get("reclaimer_start_time"),
-                                      data.get("boot_id")) is None:
-                lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
-                live.add(str(lease.get("run_id")))
-        return live
-
     def _orphan_run_leases(self, *, remove: bool, live: set[str] | None = None) -> None:
         """Per-run lease directories of runs without any lease whose fork
         entries all belong to dead processes."""
@@ -625,7 +550,7 @@ class _Gc:
         if not runs.is_dir():
             return
         if live is None:
-            live = self._live_run_ids(lz.host_lease_dir(self.lease_root))
+            live = lz.live_run_ids(self.lease_root)
         for path in sorted(runs.iterdir()):
             if path.name in live or not path.is_dir():
                 continue

@@ -622,6 +622,107 @@ def list_subnet_leases(lease_root: Path | str | None = None) -> list[dict[str, A
     return out
 
 
+# --- reclaim API for cleanup tools (vmfork gc) ---------------------------------
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A JSON record: None if missing, {} if unreadable (nobody can prove ownership)."""
+    return _read_json(path)
+
+
+def host_lock(lease_root: Path | str | None = None, timeout: float = LOCK_TIMEOUT) -> _Locked:
+    """The host-wide lease lock (VMForkError naming the holder's fix on timeout)."""
+    return _Locked(_ensure_dir(host_lease_dir(lease_root)) / ".lock", timeout, "host lease")
+
+
+def lease_summary(lease_root: Path | str | None = None) -> tuple[set[str], set[str]]:
+    """(bridges named by any lease or tombstone, run ids holding a live lease);
+    read without the lock (lease files are replaced atomically)."""
+    host = host_lease_dir(lease_root)
+    bridges: set[str] = set()
+    live: set[str] = set()
+    if not host.is_dir():
+        return bridges, live
+    for path in host.glob("subnet-*.json"):
+        data = _read_json(path)
+        if not data:
+            continue
+        subnet = _file_subnet(path, data)
+        if subnet is not None:
+            bridges.add(_safe_bridge(data, subnet))
+        if _lease_gone(data) is None:
+            live.add(str(data.get("run_id")))
+    for path in host.glob("reclaim-*.json"):
+        data = _read_json(path)
+        if not data:
+            continue
+        subnet = _file_subnet(path, data)
+        lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
+        if subnet is not None:
+            bridges.add(_safe_bridge(lease, subnet))
+    return bridges, live
+
+
+def stale_leases(lease_root: Path | str | None = None, *, take: bool) -> list[StaleLease]:
+    """Stale subnet leases and abandoned tombstones. ``take`` (call it under
+    :func:`host_lock`): turn them into tombstones owned by this process, as
+    :func:`acquire_subnet` does, so no run can lease the subnets meanwhile; the
+    caller deletes the bridges outside the lock, then calls :func:`finish_reclaim`."""
+    host = host_lease_dir(lease_root)
+    me = (os.getpid(), process_start_time(os.getpid()))
+    out: list[StaleLease] = []
+    for path in sorted(host.glob("reclaim-*.json")):
+        data = _read_json(path)
+        if data is None:
+            continue
+        subnet = _file_subnet(path, data)
+        why = owner_gone(data.get("reclaimer_pid"), data.get("reclaimer_start_time"), data.get("boot_id"))
+        if why is None or subnet is None:
+            continue
+        lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
+        reason = f"unfinished cleanup ({why})"
+        if take:
+            out.append(_tombstone(host, subnet, lease, reason, me))
+        else:
+            out.append(StaleLease(subnet, _safe_bridge(lease, subnet), str(lease.get("run_id", "?")), None,
+                                  reason, path))
+    for path in sorted(host.glob("subnet-*.json")):
+        data = _read_json(path)
+        if data is None:
+            continue
+        subnet = _file_subnet(path, data)
+        if subnet is None:
+            continue
+        why = _lease_gone(data)
+        if why is None:
+            continue
+        if take:
+            out.append(_tombstone(host, subnet, data, why, me))
+            path.unlink(missing_ok=True)
+        else:
+            out.append(StaleLease(subnet, _safe_bridge(data, subnet), str(data.get("run_id", "?")), None, why,
+                                  path))
+    return out
+
+
+def live_run_ids(lease_root: Path | str | None = None) -> set[str]:
+    """Runs with a live lease or a live reclaimer's tombstone (under
+    :func:`host_lock` for an answer no run can change meanwhile)."""
+    host = host_lease_dir(lease_root)
+    live = set()
+    for path in host.glob("subnet-*.json"):
+        data = _read_json(path)
+        if data and _lease_gone(data) is None:
+            live.add(str(data.get("run_id")))
+    for path in host.glob("reclaim-*.json"):
+        data = _read_json(path)
+        if data and owner_gone(data.get("reclaimer_pid"), data.get("reclaimer_start_time"),
+                               data.get("boot_id")) is None:
+            lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
+            live.add(str(lease.get("run_id")))
+    return live
+
+
 # --- per-run fork leases ------------------------------------------------------
 
 

@@ -6,8 +6,8 @@ import pwd
 import secrets
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import pytest
 
@@ -41,7 +41,7 @@ def other_user() -> Iterator[OtherUser]:
     name = f"vmfk-{secrets.token_hex(3)}"
     for attempt in range(20):  # /etc/passwd may be locked by a concurrent useradd
         made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         if made.returncode == 0:
             break
         time.sleep(0.25)
@@ -52,6 +52,6 @@ def other_user() -> Iterator[OtherUser]:
         yield OtherUser(name, entry.pw_uid, entry.pw_gid)
     finally:
         for attempt in range(20):
-            if subprocess.run(["userdel", name], capture_output=True).returncode in (0, 6):  # 6: no such user
+            if subprocess.run(["userdel", name], capture_output=True, check=False).returncode in (0, 6):  # 6: no such user
                 break
             time.sleep(0.25)

@@ -150,7 +150,7 @@ def test_a_run_base_planted_by_another_user_is_refused_before_any_vm(suite, othe
     suite.makepyfile("def test_x(vm):\n    pass\n")
     result = suite.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*run directory base {planted} is owned by uid {other_user.uid}, not by this "
-                                 f"uid {os.getuid()}; refusing to use it: remove it*"])
+    result.stderr.fnmatch_lines([(f"*run directory base {planted} is owned by uid {other_user.uid}, not by this "
+                                  f"uid {os.getuid()}; refusing to use it: remove it*")])
     assert list(planted.iterdir()) == [], "root's run wrote into the planted directory"
     assert qemu_processes_under(suite.tmp) == []
