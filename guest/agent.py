@@ -893,12 +893,18 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
         return pb.ReconfigureNetworkResponse(apply_ms=(time.monotonic() - t0) * 1e3)
 
     def Exec(self, request, context):  # noqa: N802
+        """Run a program; stdout and stderr are each kept up to the request's
+        ``output_limit`` (default 8 MiB): the rest is read and dropped (so the
+        program never blocks on a full pipe), counted, and marked at the end."""
+        import selectors
+
         t0 = time.monotonic()
         env = dict(CHILD_ENV)
         env.update(request.env)
         argv = list(request.argv)
         if not argv:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "argv is empty")
+        limit = request.output_limit or 8 * 1024 * 1024
         try:
             proc = subprocess.Popen(
                 argv,
@@ -913,22 +919,77 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
             msg = f"vmfork-agent: cannot execute {argv[0]!r}: {exc.strerror}\n".encode()
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             return pb.ExecResponse(exit_code=code, stderr=msg, duration_ms=(time.monotonic() - t0) * 1e3)
-        timed_out = False
-        try:
-            out, err = proc.communicate(request.stdin, timeout=request.timeout_s or None)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+
+        def feed(data: bytes) -> None:  # like communicate(): stdin from a thread, EPIPE ignored
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                if data:
+                    proc.stdin.write(data)
+            except (BrokenPipeError, OSError):
                 pass
-            out, err = proc.communicate()
+            finally:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+
+        threading.Thread(target=feed, args=(request.stdin,), daemon=True).start()
+        kept = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+        for fd in kept:  # fewer, larger reads (and wake-ups) for a chatty program
+            try:
+                fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ
+            except OSError:
+                pass
+        dropped = dict.fromkeys(kept, 0)
+        sel = selectors.DefaultSelector()
+        for fd in kept:
+            sel.register(fd, selectors.EVENT_READ)
+        deadline = t0 + request.timeout_s if request.timeout_s else None
+        timed_out = False
+        null = os.open("/dev/null", os.O_WRONLY)
+        while sel.get_map():
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            events = sel.select(wait)
+            if not events:
+                if timed_out:  # killed, yet a detached child still holds the pipes
+                    break
+                timed_out = True
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                deadline = time.monotonic() + 5
+                continue
+            for key, _ in events:
+                room = limit - len(kept[key.fd])
+                if room > 0:
+                    chunk = os.read(key.fd, 1 << 20)
+                    got = len(chunk)
+                    kept[key.fd] += chunk[:room]
+                    dropped[key.fd] += max(got - room, 0)
+                else:  # past the cap: drop in the kernel, without copying
+                    got = os.splice(key.fd, null, 1 << 30)
+                    dropped[key.fd] += got
+                if not got:
+                    sel.unregister(key.fd)
+        sel.close()
+        os.close(null)
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.wait()
+        (out_fd, out), (err_fd, err) = kept.items()  # stdout first: the order registered
+        for fd, buf in ((out_fd, out), (err_fd, err)):
+            if dropped[fd]:
+                what = "stdout" if fd == out_fd else "stderr"
+                buf += (f"\n[vmfork: {what} truncated at {limit} bytes (output_limit); "
+                        f"{dropped[fd]} more bytes dropped]\n").encode()
         return pb.ExecResponse(
             exit_code=proc.returncode,
-            stdout=out,
-            stderr=err,
+            stdout=bytes(out),
+            stderr=bytes(err),
             timed_out=timed_out,
             duration_ms=(time.monotonic() - t0) * 1e3,
+            stdout_dropped=dropped[out_fd],
+            stderr_dropped=dropped[err_fd],
         )
 
 

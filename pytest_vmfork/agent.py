@@ -20,6 +20,17 @@ from .proto import agent_pb2_grpc as pb_grpc
 
 #: Extra seconds the host waits beyond an exec's own guest-side timeout.
 EXEC_GRACE_S = 10.0
+#: Bytes of stdout and of stderr (each) an exec keeps by default; the guest
+#: agent reads and drops the rest and ends the stream with a truncation marker.
+DEFAULT_OUTPUT_LIMIT = 8 * 1024 * 1024
+#: The largest ``output_limit`` an exec may ask for.
+MAX_OUTPUT_LIMIT = 64 * 1024 * 1024
+#: Room for the truncation markers and the message framing.
+_SLACK = 64 * 1024
+#: The largest gRPC message the host accepts from a guest: two full streams.
+MAX_RECEIVE = 2 * MAX_OUTPUT_LIMIT + _SLACK
+#: The largest request (exec stdin): the guest agent's gRPC server accepts 4 MiB.
+MAX_SEND = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,8 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     duration_ms: float
+    stdout_dropped: int = 0  # bytes beyond output_limit the guest dropped (a marker ends stdout)
+    stderr_dropped: int = 0
 
     def check(self) -> "ExecResult":
         """Raise GuestError unless the program exited 0 (like ``check=True``)."""
@@ -62,8 +75,8 @@ class AgentClient:
         self._channel = grpc.insecure_channel(
             f"unix:{ctl_socket}",
             options=[
-                ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-                ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                ("grpc.max_receive_message_length", MAX_RECEIVE),
+                ("grpc.max_send_message_length", MAX_SEND),
                 ("grpc.initial_reconnect_backoff_ms", 20),
                 ("grpc.min_reconnect_backoff_ms", 20),
             ],
@@ -106,9 +119,11 @@ class AgentClient:
         input: bytes | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
     ) -> ExecResult:
         req = pb.ExecRequest(
-            argv=argv, env=dict(env or {}), cwd=cwd or "", stdin=input or b"", timeout_s=timeout
+            argv=argv, env=dict(env or {}), cwd=cwd or "", stdin=input or b"", timeout_s=timeout,
+            output_limit=output_limit,
         )
         try:
             resp: pb.ExecResponse = self._call("Exec", req, timeout + EXEC_GRACE_S)  # type: ignore[assignment]
@@ -116,7 +131,8 @@ class AgentClient:
             raise ExecTimeout(argv, timeout) from exc
         if resp.timed_out:
             raise ExecTimeout(argv, timeout, resp.stdout, resp.stderr)
-        return ExecResult(tuple(argv), resp.exit_code, resp.stdout, resp.stderr, resp.duration_ms)
+        return ExecResult(tuple(argv), resp.exit_code, resp.stdout, resp.stderr, resp.duration_ms,
+                          resp.stdout_dropped, resp.stderr_dropped)
 
     # Files: chunked streams (pytest_vmfork/files.py builds and reads them).
 

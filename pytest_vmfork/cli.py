@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import private
 from .accel import resolve_accel
 from .aptsources import parse_setting
 from .config import ACCELS, default_cache_dir
@@ -61,6 +62,7 @@ def _build_options(args: argparse.Namespace) -> BuildOptions:
 def _snapshot(args: argparse.Namespace, run: Run) -> Snapshot:
     template = load_template(args.template)
     progress = print
+    private.private_dir(args.cache_dir, "cache directory")
     build = _build_options(args)
     accel = resolve_accel(args.accel, args.cache_dir, template, progress, build)
     store = SnapshotStore(args.cache_dir, accel=accel, progress=progress, build=build)

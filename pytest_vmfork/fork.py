@@ -17,12 +17,14 @@ The restore sequence (every step bounded; the guest signals readiness):
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +33,14 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 from . import files
 from . import mailbox as mbx
 from . import process as proc
-from .agent import AgentClient, ExecResult
+from .agent import DEFAULT_OUTPUT_LIMIT, MAX_OUTPUT_LIMIT, MAX_SEND, AgentClient, ExecResult
 from .errors import AckTimeout, ConfigError, GuestError, HandoffError, RestoreError, StateError
 from .leases import ForkLease
 from .network import USER_NET, AckListener, RunNetwork, open_tap, tap_netdev, user_netdev
 from .proto import agent_pb2 as pb
 from .run import Run, write_handles
 from .snapshot import Snapshot, require_mailboxes
-from .vmm import ProcMem, QemuProcess
+from .vmm import FORK_FILE_LIMIT, ProcMem, QemuProcess
 
 if TYPE_CHECKING:
     from .pool import WarmPool
@@ -49,6 +51,7 @@ FALLBACK_TIMEOUT = 10.0
 MAX_ACK_TIMEOUT = 60.0
 FORK_MAC = "52:54:00:00:00:01"  # the device keeps the template's MAC until the guest changes it
 USER_GUEST_IP, USER_GATEWAY = "10.0.2.15", "10.0.2.2"  # QEMU user-mode defaults (USER_NET)
+MAX_STDIN = MAX_SEND - 64 * 1024  # argv, env and framing share the request
 
 #: ``network=`` for :func:`fork`: "none", "user" (QEMU user-mode, no privileges)
 #: or a RunNetwork that is up (a TAP on the run's bridge).
@@ -143,8 +146,15 @@ class VM:
         input: bytes | str | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
     ) -> ExecResult:
-        """Run a program in the guest and wait for it (a string runs under sh -c)."""
+        """Run a program in the guest and wait for it (a string runs under sh -c).
+
+        stdout and stderr keep ``output_limit`` bytes each (default 8 MiB, at
+        most 64 MiB): the guest drops the rest, ends the stream with a
+        ``[vmfork: stdout truncated ...]`` line and reports the dropped count in
+        ``stdout_dropped``/``stderr_dropped``, so a program that prints gigabytes
+        costs the host no more than that."""
         if self.state != "running":
             raise StateError("exec", self.state, "running")
         if isinstance(argv, str):
@@ -154,18 +164,28 @@ class VM:
             raise ConfigError(f"exec argv must be a non-empty list of strings, got {argv!r}")
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ConfigError(f"exec timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(output_limit, bool) or not isinstance(output_limit, int) or \
+                not 0 < output_limit <= MAX_OUTPUT_LIMIT:
+            raise ConfigError(f"exec output_limit={output_limit!r}: use a number of bytes from 1 to "
+                              f"{MAX_OUTPUT_LIMIT} ({MAX_OUTPUT_LIMIT >> 20} MiB)")
         if isinstance(input, str):
             input = input.encode()
+        if input is not None and len(input) > MAX_STDIN:
+            raise ConfigError(f"exec input is {len(input)} bytes; at most {MAX_STDIN} bytes "
+                              "fit one request: copy larger data into the guest in pieces")
         assert self._agent is not None and self._qemu is not None
         try:
-            return self._agent.exec(argv, timeout=timeout, input=input, env=env, cwd=cwd)
+            return self._agent.exec(argv, timeout=timeout, input=input, env=env, cwd=cwd, output_limit=output_limit)
         except GuestError as exc:
-            if self._qemu.alive():
+            if self._qemu.fault is None and self._qemu.alive():
                 raise
+            with contextlib.suppress(subprocess.TimeoutExpired):  # cut off: its SIGKILL is on the way
+                self._qemu.proc.wait(5)
             self.state = "failed"
+            fault = f": {self._qemu.fault}" if self._qemu.fault else ""
             raise RestoreError(
                 f"VM {self.name}: its QEMU (pid {self._qemu.pid}) exited {_exit_reason(self._qemu.proc.returncode)} "
-                f"while running {argv}", console_tail=self.console_tail()
+                f"while running {argv}{fault}", console_tail=self.console_tail()
             ) from exc
 
     def _running_agent(self, operation: str) -> AgentClient:
@@ -229,7 +249,15 @@ class VM:
         require_mailboxes(self.snapshot, [name])
         assert self._agent is not None
         got = self._agent.read_mailbox(name)
-        return json.loads(got.payload) if got.payload else None
+        limit = mbx.capacity(mbx.DEFAULT_SIZE)
+        if len(got.payload) > limit:  # the guest is untrusted: no mailbox holds more
+            raise GuestError(f"VM {self.name}: the guest returned {len(got.payload)} bytes for mailbox {name!r}, "
+                             f"more than a mailbox holds ({limit})")
+        try:
+            return json.loads(got.payload) if got.payload else None
+        except ValueError as exc:
+            raise GuestError(f"VM {self.name}: the guest returned a mailbox {name!r} payload that is not "
+                             f"JSON: {exc}") from exc
 
     def deliver(self, mailboxes: Mapping[str, Any], *, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
         """Deliver new payloads to this running fork: a second resume of the same memory.
@@ -255,7 +283,8 @@ class VM:
         try:
             fields = self._qemu.wait_event(ready, timeout)
         except (TimeoutError, EOFError) as exc:
-            raise RestoreError(f"fork {self.name}: no readiness signal within {timeout}s after deliver()",
+            why = self._qemu.fault or f"no readiness signal within {timeout}s after deliver()"
+            raise RestoreError(f"fork {self.name}: {why}",
                                console_tail=self.console_tail()) from exc
         if fields.get("event") == "error":
             raise RestoreError(f"fork {self.name}: guest agent failed to take the delivery: {fields}")
@@ -360,7 +389,8 @@ class VM:
             name=self.name,
         )
         try:
-            qemu = self._qemu = QemuProcess.start(argv, self.dir, self.name, pass_fds=fds)
+            qemu = self._qemu = QemuProcess.start(argv, self.dir, self.name, pass_fds=fds,
+                                                  file_limit=FORK_FILE_LIMIT)
         finally:
             for fd in fds:
                 os.close(fd)  # QEMU holds the TAP now; ours would keep it alive after QEMU
@@ -376,7 +406,7 @@ class VM:
             capabilities=[{"capability": "x-ignore-shared", "state": True},
                           {"capability": "events", "state": True}],
         )
-        qemu.cmd("migrate-incoming", uri=f"exec:cat {snap.state_path}")
+        qemu.migrate_from_file(snap.state_path)
         qemu.wait_migration(timeout=30)
         self.timings["load_ms"] = _ms(t0)
         self.state = "loaded"
@@ -407,7 +437,7 @@ class VM:
         try:
             fields = qemu.wait_event(ready, ready_timeout)
         except (TimeoutError, EOFError) as exc:
-            why = "QEMU exited" if not qemu.alive() else f"no readiness signal within {ready_timeout}s"
+            why = qemu.fault or ("QEMU exited" if not qemu.alive() else f"no readiness signal within {ready_timeout}s")
             raise RestoreError(f"fork {self.name}: {why}", console_tail=qemu.console_tail()) from exc
         if fields.get("event") == "error":
             raise RestoreError(
@@ -498,6 +528,9 @@ class VM:
 
 
 def _exit_reason(code: int | None) -> str:
+    if code == -signal.SIGXFSZ:
+        return (f"killed by signal {-code} (SIGXFSZ): its console log reached the limit of {FORK_FILE_LIMIT} "
+                "bytes (the guest wrote too much to its serial console)")
     if code is not None and code < 0:
         return f"killed by signal {-code} ({signal.Signals(-code).name})"
     return f"with status {code}"

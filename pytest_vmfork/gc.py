@@ -18,6 +18,12 @@ so a recycled PID or a zombie never makes a dead run look alive, and nothing
 of a live run is ever touched. Locks are taken with short timeouts; what is
 locked is skipped and reported. ``<run root>/kept/`` (``--vmfork-keep-failed``)
 is only removed with ``include_kept=True``.
+
+What gc reads is trusted only from a verified private run root
+(:mod:`pytest_vmfork.private`), and a process is killed only if it is a QEMU of
+ours: the recorded start time, argv[0] ``qemu-system-*``, ``-name
+vmfork-<the VM's name>`` and this uid (a forged ``handles.json`` naming any
+other process is reported and left alone).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any, Callable, Container
 from filelock import FileLock, Timeout
 
 from . import leases as lz
+from . import private
 from .errors import ConfigError, VMForkError
 
 #: Seconds a lock may be waited for; gc never blocks a live run for longer.
@@ -164,7 +171,7 @@ def _record_gone(pid: object, start_time: object, boot: object, written: float |
     return lz.owner_gone(pid, start_time, boot)
 
 
-_read_json = lz._read_json  # None if missing, {} if unreadable: one reader for every record
+_read_json = lz.read_record  # None if missing, {} if unreadable: one reader for every record
 
 
 def _mtime(path: Path) -> float | None:
@@ -239,9 +246,33 @@ def _judge_qemu(q: _Qemu) -> str | None:
     return None
 
 
-def _kill(pid: int, start: int) -> str | None:
-    """SIGKILL ``pid`` if it is still the process that started at ``start``
-    and wait for it to exit; None on success, else why not."""
+def _qemu_of_ours(pid: int, start: int, name: object) -> str | None:
+    """None if ``pid`` is the QEMU we started for VM ``name``: the same start
+    time, argv[0] ``qemu-system-*``, ``-name vmfork-<name>``, and running as this
+    uid; else why not. A forged handles.json cannot make gc kill anything else."""
+    st = _stat(pid)
+    if st is None or st.start != start:
+        return "it is not the process recorded (gone, or another start time)"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "it is gone"
+    if not os.path.basename(argv[0]).startswith(b"qemu-system-"):
+        return f"its argv[0] {argv[0][:64]!r} is not qemu-system-*"
+    names = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == b"-name"]
+    if not isinstance(name, str) or [n.split(b",")[0] for n in names] != [f"vmfork-{name}".encode()]:
+        return f"its -name {names[:1]!r} is not vmfork-{name}"
+    uid = next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), None)
+    if uid != str(os.geteuid()):
+        return f"it runs as uid {uid}, not {os.geteuid()}"
+    return None
+
+
+def _kill(pid: int, start: int, name: str) -> str | None:
+    """SIGKILL ``pid`` if it is still our QEMU of VM ``name`` that started at
+    ``start`` and wait for it to exit; None on success (or if it is gone), else
+    why not."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -252,6 +283,9 @@ def _kill(pid: int, start: int) -> str | None:
         st = _stat(pid)  # after pidfd_open: the pidfd pins this exact process
         if st is None or st.start != start:
             return None  # exited (and the PID maybe reused) since the scan
+        foreign = _qemu_of_ours(pid, start, name)
+        if foreign is not None:
+            return f"not a QEMU of ours: {foreign}"
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -285,6 +319,7 @@ class _Gc:
     qemus: list[_Qemu] = field(default_factory=list)
     live_lease_runs: set[str] = field(default_factory=set)
     lease_bridges: set[str] = field(default_factory=set)
+    run_root_trusted: bool = True
 
     def check_time(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -292,7 +327,19 @@ class _Gc:
 
     # --- VMM processes and run directories -----------------------------------
 
+    def trust_run_root(self) -> None:
+        """Handles are trusted only from a verified private run root."""
+        if not self.run_root.exists():
+            return
+        try:
+            private.private_dir(self.run_root, "run directory base", create=False)
+        except private.PrivateDirError as exc:
+            self.run_root_trusted = False
+            self.report.skip("run-root", self.run_root, f"not trusted, nothing in it is acted on: {exc}")
+
     def kill_orphans(self) -> None:
+        if not self.run_root_trusted:
+            return
         self.qemus = _scan_qemus([self.run_root])
         for q in self.qemus:
             q.orphan = _judge_qemu(q)
@@ -302,7 +349,7 @@ class _Gc:
             if self.dry_run:
                 self.report.remove("vmm", name, q.orphan)
                 continue
-            why = _kill(q.pid, q.start)
+            why = _kill(q.pid, q.start, q.name)
             if why is None:
                 self.report.remove("vmm", name, q.orphan)
             else:
@@ -338,10 +385,15 @@ class _Gc:
         if any(q.pid == pid for q in self.qemus):
             return not self._failed_kill_in(vm_dir)
         name = f"pid {pid} ({handles.get('name', vm_dir.name)})"
+        foreign = _qemu_of_ours(pid, start, handles.get("name"))
+        if foreign is not None:  # a stale or forged handle: that process is none of ours
+            self.report.skip("vmm", name, f"handles.json names it, but it is not a QEMU of ours "
+                                          f"({foreign}); left alone")
+            return True
         if self.dry_run:
             self.report.remove("vmm", name, f"owner {why}")
             return True
-        failed = _kill(pid, start)
+        failed = _kill(pid, start, handles.get("name", vm_dir.name))
         if failed is None:
             self.report.remove("vmm", name, f"owner {why}")
             return True
@@ -363,7 +415,7 @@ class _Gc:
         return True
 
     def runs(self) -> None:
-        if not self.run_root.is_dir():
+        if not self.run_root_trusted or not self.run_root.is_dir():
             return
         for run_dir in sorted(self.run_root.iterdir()):
             self.check_time()
@@ -448,40 +500,21 @@ class _Gc:
     def read_leases(self) -> None:
         """Which runs hold a live lease, and which bridges leases name (no lock:
         lease files are replaced atomically)."""
-        host = lz.host_lease_dir(self.lease_root)
-        if not host.is_dir():
-            return
-        for path in host.glob("subnet-*.json"):
-            data = _read_json(path)
-            if not data:
-                continue
-            subnet = lz._file_subnet(path, data)
-            if subnet is not None:
-                self.lease_bridges.add(lz._safe_bridge(data, subnet))
-            if lz._lease_gone(data) is None:
-                self.live_lease_runs.add(str(data.get("run_id")))
-        for path in host.glob("reclaim-*.json"):
-            data = _read_json(path)
-            if not data:
-                continue
-            subnet = lz._file_subnet(path, data)
-            lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
-            if subnet is not None:
-                self.lease_bridges.add(lz._safe_bridge(lease, subnet))
+        self.lease_bridges, self.live_lease_runs = lz.lease_summary(self.lease_root)
 
     def leases(self) -> None:
         host = lz.host_lease_dir(self.lease_root)
         if not host.is_dir():
             return
         if self.dry_run:
-            for stale in self._stale_leases(take=False):
+            for stale in lz.stale_leases(self.lease_root, take=False):
                 self.report.remove("subnet-lease", stale.subnet, f"run {stale.run_id}: {stale.reason}")
                 self._delete_bridge(stale.bridge, f"its lease is stale ({stale.reason})")
             self._orphan_run_leases(remove=False)
             return
         try:
-            with lz._Locked(host / ".lock", self.lock_timeout, "host lease"):
-                reclaimed = self._stale_leases(take=True)
+            with lz.host_lock(self.lease_root, self.lock_timeout):
+                reclaimed = lz.stale_leases(self.lease_root, take=True)
         except VMForkError:
             self.report.skip("subnet-leases", host,
                              f"the host lease lock was busy for {self.lock_timeout:g}s")
@@ -495,10 +528,10 @@ class _Gc:
             except Exception as exc:  # the tombstone stays: the next gc or run finishes it
                 self.report.skip("bridge", stale.bridge, f"deleting it failed: {exc}")
         try:
-            with lz._Locked(host / ".lock", self.lock_timeout, "host lease"):
+            with lz.host_lock(self.lease_root, self.lock_timeout):
                 for stale in done:  # the bridges are gone: unblock the subnets
                     lz.finish_reclaim(stale)
-                live = self._live_run_ids(host)  # under the lock: no run can join meanwhile
+                live = lz.live_run_ids(self.lease_root)  # under the lock: no run can join meanwhile
                 for stale in done:
                     if stale.run_id not in live:
                         with contextlib.suppress(ConfigError):
@@ -510,62 +543,6 @@ class _Gc:
             self.report.skip("subnet-leases", host,
                              "the host lease lock was busy; the reclaim finishes on the next gc or run")
 
-    def _stale_leases(self, *, take: bool) -> list[lz.StaleLease]:
-        """Stale subnet leases and abandoned tombstones. ``take``: under the
-        host lock, turn them into tombstones owned by this process (as
-        acquire_subnet does), so no run can lease the subnet meanwhile."""
-        host = lz.host_lease_dir(self.lease_root)
-        me = (os.getpid(), lz.process_start_time(os.getpid()))
-        out: list[lz.StaleLease] = []
-        for path in sorted(host.glob("reclaim-*.json")):
-            data = _read_json(path)
-            if data is None:
-                continue
-            subnet = lz._file_subnet(path, data)
-            why = lz.owner_gone(data.get("reclaimer_pid"), data.get("reclaimer_start_time"),
-                                data.get("boot_id"))
-            if why is None or subnet is None:
-                continue
-            lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
-            reason = f"unfinished cleanup ({why})"
-            if take:
-                out.append(lz._tombstone(host, subnet, lease, reason, me))
-            else:
-                out.append(lz.StaleLease(subnet, lz._safe_bridge(lease, subnet),
-                                         str(lease.get("run_id", "?")), None, reason, path))
-        for path in sorted(host.glob("subnet-*.json")):
-            data = _read_json(path)
-            if data is None:
-                continue
-            subnet = lz._file_subnet(path, data)
-            if subnet is None:
-                continue
-            why = lz._lease_gone(data)
-            if why is None:
-                continue
-            if take:
-                out.append(lz._tombstone(host, subnet, data, why, me))
-                path.unlink(missing_ok=True)
-            else:
-                out.append(lz.StaleLease(subnet, lz._safe_bridge(data, subnet), str(data.get("run_id", "?")),
-                                         None, why, path))
-        return out
-
-    def _live_run_ids(self, host: Path) -> set[str]:
-        """Runs with a live lease or a live reclaimer's tombstone."""
-        live = set()
-        for path in host.glob("subnet-*.json"):
-            data = _read_json(path)
-            if data and lz._lease_gone(data) is None:
-                live.add(str(data.get("run_id")))
-        for path in host.glob("reclaim-*.json"):
-            data = _read_json(path)
-            if data and lz.owner_gone(data.get("reclaimer_pid"), data.get("reclaimer_start_time"),
-                                      data.get("boot_id")) is None:
-                lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
-                live.add(str(lease.get("run_id")))
-        return live
-
     def _orphan_run_leases(self, *, remove: bool, live: set[str] | None = None) -> None:
         """Per-run lease directories of runs without any lease whose fork
         entries all belong to dead processes."""
@@ -573,7 +550,7 @@ class _Gc:
         if not runs.is_dir():
             return
         if live is None:
-            live = self._live_run_ids(lz.host_lease_dir(self.lease_root))
+            live = lz.live_run_ids(self.lease_root)
         for path in sorted(runs.iterdir()):
             if path.name in live or not path.is_dir():
                 continue
@@ -808,6 +785,7 @@ def collect(
         deadline=None if budget_s is None else t0 + budget_s,
     )
     phases: list[tuple[str, Callable[[], None]]] = [
+        ("run root", gc.trust_run_root),
         ("lease records", gc.read_leases),
         ("VMM processes", gc.kill_orphans),
         ("run directories", gc.runs),

@@ -31,7 +31,7 @@ from typing import Any
 
 import filelock
 
-from . import aptsources, guestfiles, kernel, rootfs
+from . import aptsources, guestfiles, kernel, private, rootfs
 from .errors import ImageBuildError
 
 #: Bump whenever this module changes what it puts into an image (the module's own
@@ -144,8 +144,23 @@ def host_wheel_versions() -> dict[str, str]:
 
 # --- the cache ---------------------------------------------------------------------------
 
+def trusted(d: Path, progress: Callable[[str], None] = lambda s: None) -> bool:
+    """Whether cache entry ``d`` exists and nobody else could have written it; an
+    untrusted one is reported and then rebuilt (set aside, never used)."""
+    if not d.exists():
+        return False
+    try:
+        private.verify_cache_entry(d)
+    except private.PrivateDirError as exc:
+        progress(f"vmfork: {exc}; rebuilding it")
+        return False
+    return True
+
+
 def load_cached(d: Path) -> Image | None:
-    """The complete image in cache entry ``d``, or None (missing, partial or foreign)."""
+    """The complete image in cache entry ``d``, or None (missing, partial or foreign).
+
+    Callers that restore from it check :func:`trusted` first."""
     try:
         manifest = json.loads((d / MANIFEST).read_text())
         files = manifest["files"]
@@ -176,7 +191,7 @@ def build_image(spec: ImageSpec, cache_dir: Path, *, progress: Callable[[str], N
     images = Path(cache_dir) / "images"
     images.mkdir(parents=True, exist_ok=True)
     final = images / key
-    if not force and (image := load_cached(final)):
+    if not force and trusted(final, progress) and (image := load_cached(final)):
         return image
     lock = filelock.FileLock(str(images / f"{key}.lock"))
     try:
@@ -185,7 +200,7 @@ def build_image(spec: ImageSpec, cache_dir: Path, *, progress: Callable[[str], N
         progress(f"vmfork: waiting for another process building image {key[:12]}")
         lock.acquire()
     try:
-        if not force and (image := load_cached(final)):
+        if not force and trusted(final) and (image := load_cached(final)):
             progress(f"vmfork: image {key[:12]} built by another process")
             return image
         for stale in [*images.glob(f".staging-{key}-*"), *images.glob(f".old-{key}-*")]:
@@ -193,6 +208,7 @@ def build_image(spec: ImageSpec, cache_dir: Path, *, progress: Callable[[str], N
         staging = images / f".staging-{key}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             _build(spec, key, Path(cache_dir), staging, progress, options)
+            private.seal(staging)
             if final.exists():  # force: move the old image aside; running VMs keep their open files
                 old = images / f".old-{key}-{os.getpid()}-{secrets.token_hex(4)}"
                 os.rename(final, old)
@@ -391,10 +407,10 @@ def debian_root(base: ImageSpec, cache_dir: Path, *, mode: rootfs.BuildMode, apt
     roots = Path(cache_dir) / "roots"
     roots.mkdir(parents=True, exist_ok=True)
     final = roots / key
-    if found := _load_root(final):
+    if trusted(final, progress) and (found := _load_root(final)):
         return found
     with filelock.FileLock(str(roots / f"{key}.lock")):
-        if found := _load_root(final):
+        if trusted(final) and (found := _load_root(final)):
             return found
         for stale in [*roots.glob(f".staging-{key}-*"), *roots.glob(f".old-{key}-*")]:
             _rmtree(stale)  # left by a crashed build; we hold the key's lock
@@ -428,6 +444,7 @@ def debian_root(base: ImageSpec, cache_dir: Path, *, mode: rootfs.BuildMode, apt
                 "kernel": kinfo, "kernel_files": {n: (staging / n).stat().st_size for n in
                                                   (*IMAGE_FILES.values(), PVH_KERNEL) if (staging / n).exists()},
                 "build_mode": mode.name, "apt_origin": apt.origin}, indent=2, sort_keys=True))
+            private.seal(staging)
             os.rename(staging, final)
         finally:
             _rmtree(staging)

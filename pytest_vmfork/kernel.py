@@ -29,10 +29,13 @@ from .errors import ImageBuildError
 #: self-tests; ``init_on_alloc=0`` stops zeroing every kernel allocation (~0.3 s);
 #: ``mitigations=off`` drops retpolines (TCG emulates no speculation anyway);
 #: ``tsc=reliable`` keeps the clocksource watchdog from demoting the TSC to the HPET
-#: (every HPET read is an emulated MMIO access) when a loaded host delays the vCPU.
+#: (every HPET read is an emulated MMIO access) when a loaded host delays the vCPU;
+#: ``no_timer_check`` skips the IO-APIC timer check, which a loaded TCG host fails
+#: ("IO-APIC + timer doesn't work", a panic at boot, seen in CI-like runs).
 KERNEL_CMDLINE = (
     "console=ttyS0 quiet panic=-1 rdinit=/init"
-    " mitigations=off tsc=reliable cryptomgr.notests initcall_blacklist=crypto_kdf108_init init_on_alloc=0"
+    " mitigations=off tsc=reliable no_timer_check cryptomgr.notests initcall_blacklist=crypto_kdf108_init"
+    " init_on_alloc=0"
 )
 
 #: Kernel modules loaded by the initramfs (with their dependencies). Ones that a

@@ -36,7 +36,6 @@ import re
 import secrets
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -45,6 +44,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
+from . import private
 from .errors import ConfigError, VMForkError
 
 DEFAULT_POOL = "10.213.0.0/16"
@@ -70,29 +70,34 @@ _SUBNET_FILE_RE = re.compile(r"(subnet|reclaim)-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)\.j
 
 
 def default_lease_root() -> Path:
-    """``/run/vmfork`` when writable (tmpfs: cleared by a reboot, shared by every
-    run of root on the host), else a per-user directory under the temp dir.
+    """``/run/vmfork`` when this uid can use it (tmpfs: cleared by a reboot, shared
+    by every run of root on the host), else ``leases/`` in this uid's private run
+    directory base. Either way a verified private directory (pytest_vmfork.private).
 
     The fallback is only shared by one user's runs; bridges of other users are
     still avoided because their gateway addresses show up as host routes.
     """
     run = RUN_LEASE_ROOT
     try:
-        run.mkdir(mode=0o755, exist_ok=True)
-        if os.access(run, os.W_OK | os.X_OK):
-            return run
+        run.mkdir(mode=private.PRIVATE_MODE, exist_ok=True)
+        if os.access(run, os.W_OK | os.X_OK) and os.lstat(run).st_uid == os.geteuid():
+            return private.private_dir(run, "lease root", create=False)
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"vmfork-{os.getuid()}" / "leases"
+    return private.private_dir(private.private_dir(private.run_base_dir(), "run directory base") / "leases",
+                               "lease root")
 
 
 def _root(lease_root: Path | str | None) -> Path:
-    return default_lease_root() if lease_root is None else Path(lease_root)
+    """The lease root, verified private (PrivateDirError names the fix otherwise)."""
+    if lease_root is None:
+        return default_lease_root()
+    return private.private_dir(Path(lease_root), "lease root")
 
 
 def _ensure_dir(path: Path) -> Path:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=private.PRIVATE_MODE, parents=True, exist_ok=True)
     except OSError as exc:
         raise VMForkError(
             f"cannot create lease directory {path}: {exc.strerror}; make it writable "
@@ -151,10 +156,8 @@ class _Locked:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
+    """Atomic (a reader sees the old file or the whole new one), never through a symlink."""
+    private.write_json(path, data)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -617,6 +620,107 @@ def list_subnet_leases(lease_root: Path | str | None = None) -> list[dict[str, A
         if data:
             out.append({**data, "path": str(path), "stale": _lease_gone(data)})
     return out
+
+
+# --- reclaim API for cleanup tools (vmfork gc) ---------------------------------
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A JSON record: None if missing, {} if unreadable (nobody can prove ownership)."""
+    return _read_json(path)
+
+
+def host_lock(lease_root: Path | str | None = None, timeout: float = LOCK_TIMEOUT) -> _Locked:
+    """The host-wide lease lock (VMForkError naming the holder's fix on timeout)."""
+    return _Locked(_ensure_dir(host_lease_dir(lease_root)) / ".lock", timeout, "host lease")
+
+
+def lease_summary(lease_root: Path | str | None = None) -> tuple[set[str], set[str]]:
+    """(bridges named by any lease or tombstone, run ids holding a live lease);
+    read without the lock (lease files are replaced atomically)."""
+    host = host_lease_dir(lease_root)
+    bridges: set[str] = set()
+    live: set[str] = set()
+    if not host.is_dir():
+        return bridges, live
+    for path in host.glob("subnet-*.json"):
+        data = _read_json(path)
+        if not data:
+            continue
+        subnet = _file_subnet(path, data)
+        if subnet is not None:
+            bridges.add(_safe_bridge(data, subnet))
+        if _lease_gone(data) is None:
+            live.add(str(data.get("run_id")))
+    for path in host.glob("reclaim-*.json"):
+        data = _read_json(path)
+        if not data:
+            continue
+        subnet = _file_subnet(path, data)
+        lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
+        if subnet is not None:
+            bridges.add(_safe_bridge(lease, subnet))
+    return bridges, live
+
+
+def stale_leases(lease_root: Path | str | None = None, *, take: bool) -> list[StaleLease]:
+    """Stale subnet leases and abandoned tombstones. ``take`` (call it under
+    :func:`host_lock`): turn them into tombstones owned by this process, as
+    :func:`acquire_subnet` does, so no run can lease the subnets meanwhile; the
+    caller deletes the bridges outside the lock, then calls :func:`finish_reclaim`."""
+    host = host_lease_dir(lease_root)
+    me = (os.getpid(), process_start_time(os.getpid()))
+    out: list[StaleLease] = []
+    for path in sorted(host.glob("reclaim-*.json")):
+        data = _read_json(path)
+        if data is None:
+            continue
+        subnet = _file_subnet(path, data)
+        why = owner_gone(data.get("reclaimer_pid"), data.get("reclaimer_start_time"), data.get("boot_id"))
+        if why is None or subnet is None:
+            continue
+        lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
+        reason = f"unfinished cleanup ({why})"
+        if take:
+            out.append(_tombstone(host, subnet, lease, reason, me))
+        else:
+            out.append(StaleLease(subnet, _safe_bridge(lease, subnet), str(lease.get("run_id", "?")), None,
+                                  reason, path))
+    for path in sorted(host.glob("subnet-*.json")):
+        data = _read_json(path)
+        if data is None:
+            continue
+        subnet = _file_subnet(path, data)
+        if subnet is None:
+            continue
+        why = _lease_gone(data)
+        if why is None:
+            continue
+        if take:
+            out.append(_tombstone(host, subnet, data, why, me))
+            path.unlink(missing_ok=True)
+        else:
+            out.append(StaleLease(subnet, _safe_bridge(data, subnet), str(data.get("run_id", "?")), None, why,
+                                  path))
+    return out
+
+
+def live_run_ids(lease_root: Path | str | None = None) -> set[str]:
+    """Runs with a live lease or a live reclaimer's tombstone (under
+    :func:`host_lock` for an answer no run can change meanwhile)."""
+    host = host_lease_dir(lease_root)
+    live = set()
+    for path in host.glob("subnet-*.json"):
+        data = _read_json(path)
+        if data and _lease_gone(data) is None:
+            live.add(str(data.get("run_id")))
+    for path in host.glob("reclaim-*.json"):
+        data = _read_json(path)
+        if data and owner_gone(data.get("reclaimer_pid"), data.get("reclaimer_start_time"),
+                               data.get("boot_id")) is None:
+            lease = data.get("lease") if isinstance(data.get("lease"), dict) else {}
+            live.add(str(lease.get("run_id")))
+    return live
 
 
 # --- per-run fork leases ------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from . import private
 from .config import OPTIONS, Settings
 from .errors import ConfigError
 from .gc import gc_at_session_start
@@ -51,16 +52,20 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from exc
     workerinput = getattr(config, "workerinput", None)
-    if workerinput is not None:
-        run = Run(run_id=workerinput["testrunuid"], worker=workerinput["workerid"].replace("gw", "w"))
-    else:
-        # Never inherit PYTEST_XDIST_TESTRUNUID: a pytest started from inside a
-        # worker is another run. Under xdist, hand our id to the workers so the
-        # controller (which outlives them) owns the run directory they share.
-        run_id = new_run_id()
-        if getattr(config.option, "testrunuid", "unset") is None:
-            config.option.testrunuid = run_id
-        run = Run(run_id=run_id)
+    try:  # a cache, run or lease directory someone else can write is refused here
+        private.private_dir(settings.cache_dir, "cache directory")
+        if workerinput is not None:
+            run = Run(run_id=workerinput["testrunuid"], worker=workerinput["workerid"].replace("gw", "w"))
+        else:
+            # Never inherit PYTEST_XDIST_TESTRUNUID: a pytest started from inside a
+            # worker is another run. Under xdist, hand our id to the workers so the
+            # controller (which outlives them) owns the run directory they share.
+            run_id = new_run_id()
+            if getattr(config.option, "testrunuid", "unset") is None:
+                config.option.testrunuid = run_id
+            run = Run(run_id=run_id)
+    except private.PrivateDirError as exc:
+        raise pytest.UsageError(str(exc)) from exc
     session = config.stash[SESSION_KEY] = VMForkSession(config, settings, run)
     _install_signal_handlers(config)
     if workerinput is None:  # once per run, before any VM: leftovers of dead runs
@@ -195,7 +200,7 @@ class VMForkSession:
         vm.close(keep_files=keep)
         if keep:
             kept = base_dir() / "kept" / f"{self.run.run_id}-{vm.name}"
-            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.parent.mkdir(mode=private.PRIVATE_MODE, exist_ok=True)
             shutil.move(str(vm.dir), kept)
             for sock in kept.glob("*.sock"):
                 sock.unlink()

@@ -1,7 +1,8 @@
 """Per-run working directories: where live VMs keep their sockets and handles.
 
 One run (a pytest session with all its xdist workers, or one script) owns
-``<tmp>/vmfork-<uid>/<run id>/``. Every live VM has a directory below it with
+``<base>/<run id>/``, where the base is ``$XDG_RUNTIME_DIR/vmfork`` or
+``<tmp>/vmfork-<uid>``, a verified private directory (pytest_vmfork.private). Every live VM has a directory below it with
 its sockets, console log and a ``handles.json`` naming the transient handles
 (VMM PID and start time, files), so that another process can clean up after a
 run that died. Paths stay short: Unix socket paths are limited to 107 bytes.
@@ -10,16 +11,15 @@ run that died. Paths stay short: Unix socket paths are limited to 107 bytes.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import secrets
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import private
 from .leases import boot_id, process_start_time
 
 _counter = itertools.count(1)
@@ -27,7 +27,8 @@ _counter_lock = threading.Lock()
 
 
 def base_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"vmfork-{os.getuid()}"
+    """The verified private base of every run directory of this uid (created 0700)."""
+    return private.private_dir(private.run_base_dir(), "run directory base")
 
 
 def new_run_id() -> str:
@@ -43,13 +44,14 @@ class Run:
     root: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.root is None:
-            self.root = base_dir()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        owner = self.dir / "owner.json"
-        if not owner.exists():  # the first process of the run (the xdist controller) owns it
-            write_json(owner, {"pid": os.getpid(), "start_time": process_start_time(os.getpid()),
-                               "boot_id": boot_id(), "run_id": self.run_id})
+        self.root = base_dir() if self.root is None else private.private_dir(self.root, "run directory base")
+        self.dir.mkdir(mode=private.PRIVATE_MODE, exist_ok=True)
+        try:  # the first process of the run (the xdist controller) owns it
+            private.write_json(self.dir / "owner.json", {
+                "pid": os.getpid(), "start_time": process_start_time(os.getpid()),
+                "boot_id": boot_id(), "run_id": self.run_id}, exclusive=True)
+        except FileExistsError:
+            pass
 
     @property
     def dir(self) -> Path:
@@ -62,22 +64,16 @@ class Run:
             n = next(_counter)
         name = f"{kind}{self.worker}-{os.getpid() % 100000}-{n}"
         path = self.dir / name
-        path.mkdir(parents=True)
+        path.mkdir(mode=private.PRIVATE_MODE)
         return name, path
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def write_handles(vm_dir: Path, handles: dict[str, Any]) -> None:
     """Record a VM's transient handles atomically, with the process that owns
     the VM, so another process can clean up after a run or worker that died."""
     me = os.getpid()
-    write_json(vm_dir / "handles.json", {"owner_pid": me, "owner_start_time": process_start_time(me),
+    private.write_json(vm_dir / "handles.json", {"owner_pid": me, "owner_start_time": process_start_time(me),
                                          "boot_id": boot_id(), **handles})

@@ -31,6 +31,7 @@ from filelock import FileLock
 
 from . import image as image_mod
 from . import mailbox as mbx
+from . import private
 from .agent import AgentClient
 from .errors import BuildError, ConfigError, VMForkError
 from .run import Run
@@ -210,8 +211,9 @@ class SnapshotStore:
         with FileLock(str(final) + ".lock"):
             if final.exists():
                 try:
+                    private.verify_cache_entry(final)
                     snap = Snapshot.load(final)
-                except BuildError as exc:
+                except (BuildError, private.PrivateDirError) as exc:
                     self.progress(f"vmfork: discarding damaged snapshot {key}: {exc}")
                     shutil.rmtree(final, ignore_errors=True)
                 else:
@@ -232,6 +234,7 @@ class SnapshotStore:
         try:
             manifest = self._boot_and_save(template, img, key, staging, final, run, t0)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            private.seal(staging)
             if final.exists():
                 trash = final.parent / f".trash-{key}-{os.getpid()}"
                 os.rename(final, trash)
@@ -305,7 +308,7 @@ class SnapshotStore:
                 capabilities=[{"capability": "x-ignore-shared", "state": True},
                               {"capability": "events", "state": True}],
             )
-            qemu.cmd("migrate", uri=f"exec:cat > {staging / 'state.bin'}")
+            qemu.migrate_to_file(staging / "state.bin")
             qemu.wait_migration(timeout=120)
         except VMForkError as exc:
             if isinstance(exc, BuildError):

@@ -170,6 +170,7 @@ class Template:
         doc = {
             "recipe": SNAPSHOT_RECIPE,
             "image": self.image_spec().key(),
+            "cmdline": self.kernel_cmdline(),
             "memory_mib": self.memory_mib,
             "vcpus": self.vcpus,
             "warmup": [list(c) for c in self.warmup],

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -32,6 +33,7 @@ import struct
 import subprocess
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +50,26 @@ PORT_EVT = "org.vmfork.evt"
 DOORBELL = b"R"
 FRAME = struct.Struct("<II")  # ctl channel framing: session id, length (0 ends the session)
 CONSOLE_TAIL_LINES = 40
+#: QEMU's seccomp filter, on for every QEMU (template and forks): no obsolete
+#: system calls, no set*uid/gid, no fork/exec (device state goes through file
+#: descriptors we open and pass, never ``exec:``), no scheduler/affinity changes.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: Bounds on the guest's event channel (untrusted input): the longest line, and
+#: a token bucket of lines (a fork emits a handful; a flood is an attack or a bug).
+MAX_EVENT_LINE = 4096
+EVENT_RATE_PER_S = 200.0
+EVENT_BURST = 400
+EVENT_LINES_KEPT = 64
+MAX_CTL_FRAME = 1 << 20  # one control-channel frame from the guest (the agent's are 64 KiB)
+#: RLIMIT_FSIZE of a fork's QEMU: the largest file it may write, i.e. its console
+#: log (the guest decides what goes there) and its stderr. Beyond it writes fail:
+#: the serial output is dropped (console_tail says so), or, if the write came from
+#: a QEMU thread that does not block SIGXFSZ, QEMU dies and the fork fails naming it.
+FORK_FILE_LIMIT = 8 * 1024 * 1024
+
+
+class EventChannelError(EOFError):
+    """The guest broke the event channel's bounds; its QEMU was killed."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +127,7 @@ class MachineSpec:
             "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
             "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'}",
             "-mon", "chardev=qmp,mode=control",
+            "-sandbox", SANDBOX,
         ]
         if incoming:
             argv += ["-incoming", "defer", "-S"]
@@ -168,7 +191,9 @@ class QemuProcess:
     evt_writer: asyncio.StreamWriter
     ctl_reader: asyncio.StreamReader
     ctl_writer: asyncio.StreamWriter
-    lines: list[str] = field(default_factory=list)
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=EVENT_LINES_KEPT))
+    fault: str | None = None  # why the guest's event channel was cut off
+    file_limit: int | None = None  # RLIMIT_FSIZE: the console log's bound
     _line_waiters: list[tuple[Callable[[dict[str, str]], bool], asyncio.Future[dict[str, str]]]] = field(
         default_factory=list
     )
@@ -193,15 +218,19 @@ class QemuProcess:
 
     @classmethod
     def start(
-        cls, argv: list[str], workdir: Path, name: str, *, timeout: float = 20.0, pass_fds: tuple[int, ...] = ()
+        cls, argv: list[str], workdir: Path, name: str, *, timeout: float = 20.0, pass_fds: tuple[int, ...] = (),
+        file_limit: int | None = None,
     ) -> "QemuProcess":
         """Spawn QEMU and wait until it has connected its QMP and event sockets.
-        ``pass_fds`` are inherited by QEMU (a TAP fd); the caller closes its copies."""
-        return _loop.run(cls._start(argv, workdir, name, timeout, pass_fds), timeout=timeout + 5)
+        ``pass_fds`` are inherited by QEMU (a TAP fd); the caller closes its copies.
+        ``file_limit`` bounds every file QEMU writes (RLIMIT_FSIZE; a fork's
+        console log), set before QEMU has run the guest at all."""
+        return _loop.run(cls._start(argv, workdir, name, timeout, pass_fds, file_limit), timeout=timeout + 5)
 
     @classmethod
     async def _start(
-        cls, argv: list[str], workdir: Path, name: str, timeout: float, pass_fds: tuple[int, ...]
+        cls, argv: list[str], workdir: Path, name: str, timeout: float, pass_fds: tuple[int, ...],
+        file_limit: int | None,
     ) -> "QemuProcess":
         loop = asyncio.get_running_loop()
         conns: dict[str, asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
@@ -218,7 +247,8 @@ class QemuProcess:
             servers.append(await asyncio.start_unix_server(on_conn, path=str(workdir / f"{chan}.sock")))
         qmp = QMPClient(name)
         await qmp.start_server(str(workdir / "qmp.sock"))
-        log = open(workdir / "qemu.stderr", "wb")
+        log = os.fdopen(os.open(workdir / "qemu.stderr", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, 0o600), "wb")
         try:
             # setpriv sets PR_SET_PDEATHSIG: QEMU dies with this (long-lived) thread,
             # so a killed pytest worker cannot leave VMs behind.
@@ -234,6 +264,11 @@ class QemuProcess:
         finally:
             log.close()
         try:
+            if file_limit is not None:  # QEMU is still starting: it has not run a guest instruction yet
+                try:
+                    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (file_limit, file_limit))
+                except ProcessLookupError:
+                    pass  # it exited already: reported with its stderr below
             accept = asyncio.ensure_future(qmp.accept())
             deadline = time.monotonic() + timeout
             while not accept.done():
@@ -267,6 +302,7 @@ class QemuProcess:
             ctl_reader=ctl_reader,
             ctl_writer=ctl_writer,
             _servers=servers,
+            file_limit=file_limit,
         )
         self._pump = asyncio.ensure_future(self._pump_lines())
         self._tasks.append(asyncio.ensure_future(self._pump_ctl()))
@@ -300,12 +336,20 @@ class QemuProcess:
         try:
             while True:
                 sid, length = FRAME.unpack(await self.ctl_reader.readexactly(FRAME.size))
+                if length > MAX_CTL_FRAME:  # the agent sends at most 64 KiB at a time
+                    self._cut_off(f"the guest sent a control-channel frame of {length} bytes "
+                                  f"(more than {MAX_CTL_FRAME})")
+                    break
                 data = await self.ctl_reader.readexactly(length) if length else b""
                 client = self._client
                 if client is None or sid != self._sid:
                     continue  # a session that ended: drop its late bytes
                 if data:
                     client.write(data)
+                    try:  # back-pressure: the guest waits for a slow client, we buffer nothing more
+                        await client.drain()
+                    except ConnectionError:
+                        pass
                 else:
                     client.close()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -313,22 +357,54 @@ class QemuProcess:
                 self._client.close()
 
     async def _pump_lines(self) -> None:
-        """Dispatch ``vmfork-evt k=v ...`` lines from the guest to waiters."""
-        while True:
-            raw = await self.evt_reader.readline()
-            if not raw:
+        """Dispatch ``vmfork-evt k=v ...`` lines from the guest to waiters.
+
+        The guest is untrusted: a line longer than MAX_EVENT_LINE or more lines
+        than the token bucket allows (EVENT_RATE_PER_S, EVENT_BURST) kill this
+        QEMU and fail its waiters with EventChannelError naming the cause; at
+        most one line and EVENT_LINES_KEPT past lines are held in memory."""
+        buf = b""
+        tokens, last = float(EVENT_BURST), time.monotonic()
+        while self.fault is None:
+            chunk = await self.evt_reader.read(65536)
+            if not chunk:
                 break
-            text = raw.decode("ascii", "replace").strip()
-            self.lines.append(text)
-            if not text.startswith("vmfork-evt "):
-                continue
-            fields = dict(tok.partition("=")[::2] for tok in text.split(" ")[1:] if "=" in tok)
-            for pred, fut in list(self._line_waiters):
-                if not fut.done() and pred(fields):
-                    fut.set_result(fields)
+            buf += chunk
+            *complete, buf = buf.split(b"\n")
+            if len(buf) > MAX_EVENT_LINE or any(len(raw) > MAX_EVENT_LINE for raw in complete):
+                self._cut_off(f"the guest sent an event line longer than {MAX_EVENT_LINE} bytes")
+                break
+            now = time.monotonic()
+            tokens = min(float(EVENT_BURST), tokens + (now - last) * EVENT_RATE_PER_S) - len(complete)
+            last = now
+            if tokens < 0:
+                self._cut_off(f"the guest flooded the event channel (more than {EVENT_BURST} lines at once "
+                              f"or {EVENT_RATE_PER_S:g} lines/s)")
+                break
+            for raw in complete:
+                self._dispatch(raw.decode("ascii", "replace").strip())
+        error = EventChannelError(f"event channel closed: {self.fault or 'QEMU exited'}")
         for _, fut in self._line_waiters:
             if not fut.done():
-                fut.set_exception(EOFError("event channel closed: QEMU exited"))
+                fut.set_exception(error)
+
+    def _dispatch(self, text: str) -> None:
+        self.lines.append(text)
+        if not text.startswith("vmfork-evt "):
+            return
+        fields = dict(tok.partition("=")[::2] for tok in text.split(" ")[1:] if "=" in tok)
+        for pred, fut in list(self._line_waiters):
+            if not fut.done() and pred(fields):
+                fut.set_result(fields)
+
+    def _cut_off(self, why: str) -> None:
+        """The guest broke the channel's bounds: this fork is over (its QEMU is
+        killed, so the guest cannot keep the host busy)."""
+        self.fault = f"{why}; its QEMU (pid {self.pid}) was killed"
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def expect_event(self, pred: Callable[[dict[str, str]], bool]) -> asyncio.Future[dict[str, str]]:
         """Register interest in a guest event *before* triggering it (no lost wake-ups)."""
@@ -337,7 +413,7 @@ class QemuProcess:
             fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
             self._line_waiters.append((pred, fut))
             if self._pump is not None and self._pump.done():
-                fut.set_exception(EOFError("event channel closed: QEMU exited"))
+                fut.set_exception(EventChannelError(f"event channel closed: {self.fault or 'QEMU exited'}"))
             return fut
 
         return _loop.run(register())
@@ -367,6 +443,33 @@ class QemuProcess:
         """Execute one QMP command and return its result."""
         return _loop.run(self.qmp.execute(command, args or None), timeout=timeout)
 
+    def migrate_from_file(self, path: Path, timeout: float = 30.0) -> None:
+        """Start loading the device state from ``path`` (an incoming migration).
+
+        The file is opened here and handed to QEMU over QMP (``getfd``): QEMU's
+        sandbox denies spawning the ``exec:cat`` helper, and QEMU needs no access
+        to the path."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _loop.run(self._pass_fd(fd, "state"), timeout=timeout)
+        finally:
+            os.close(fd)
+        self.cmd("migrate-incoming", timeout=timeout, uri="fd:state")
+
+    def migrate_to_file(self, path: Path, timeout: float = 30.0) -> None:
+        """Start saving the device state to ``path`` (created, never through a
+        symlink or over an existing file), passed to QEMU as a descriptor."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            _loop.run(self._pass_fd(fd, "state"), timeout=timeout)
+        finally:
+            os.close(fd)
+        self.cmd("migrate", timeout=timeout, uri="fd:state")
+
+    async def _pass_fd(self, fd: int, name: str) -> None:
+        self.qmp.send_fd_scm(fd)
+        await self.qmp.execute("getfd", {"fdname": name})
+
     def wait_migration(self, timeout: float) -> None:
         """Wait until an incoming or outgoing migration completes (MIGRATION events)."""
 
@@ -394,7 +497,15 @@ class QemuProcess:
         return str(self.cmd("query-status")["status"])
 
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
-        return _tail(self.console_path, lines)
+        tail = _tail(self.console_path, lines)
+        try:
+            full = self.file_limit is not None and self.console_path.stat().st_size >= self.file_limit
+        except OSError:
+            full = False
+        if full:
+            tail += (f"\n[vmfork: the console log reached its limit of {self.file_limit} bytes; "
+                     "later console output was dropped]")
+        return tail
 
     def alive(self) -> bool:
         return self.proc.poll() is None

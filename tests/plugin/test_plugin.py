@@ -139,3 +139,18 @@ def test_unknown_mailbox_in_marker_fails_before_any_vm_starts(suite):
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*unknown mailbox 'cfgg'; this snapshot offers: app-config, scenario*"])
     assert not list(suite.tmp.rglob("console.log"))
+
+
+def test_a_run_base_planted_by_another_user_is_refused_before_any_vm(suite, other_user):
+    """Another user creates <tmp>/vmfork-<uid> (mode 0777) before root's first run."""
+    suite.tmp.chmod(0o1777)  # a shared temp dir, like /tmp
+    planted = suite.tmp / f"vmfork-{os.getuid()}"
+    subprocess.run(["setpriv", f"--reuid={other_user.uid}", f"--regid={other_user.gid}", "--clear-groups", "--",
+                    "mkdir", "-m", "0777", str(planted)], check=True)
+    suite.makepyfile("def test_x(vm):\n    pass\n")
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([(f"*run directory base {planted} is owned by uid {other_user.uid}, not by this "
+                                  f"uid {os.getuid()}; refusing to use it: remove it*")])
+    assert list(planted.iterdir()) == [], "root's run wrote into the planted directory"
+    assert qemu_processes_under(suite.tmp) == []

@@ -102,10 +102,11 @@ def make_vm(run_dir: Path, name: str, owner: tuple[int, int] | None, qemu: tuple
 
 
 def fake_qemu(vm_dir: Path) -> subprocess.Popen:
-    """A stand-in VMM: a process whose command line looks like our QEMU's."""
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "qemu-system-x86_64",
+    """A stand-in VMM: a process whose command line looks like our QEMU's (argv[0]
+    included: a shell run under that name, waiting for a sleep)."""
+    return subprocess.Popen(["qemu-system-x86_64", "-c", "sleep 60; :",
                              "-name", f"vmfork-{vm_dir.name},debug-threads=on",
-                             "-chardev", f"file,id=con,path={vm_dir}/console.log"])
+                             "-chardev", f"file,id=con,path={vm_dir}/console.log"], executable="/bin/sh")
 
 
 HOLD_LOCK = """
@@ -514,3 +515,36 @@ def test_doctor_format_gives_the_fix_for_each_problem():
     assert "fix: apt-get install util-linux" in text and "fix: enable nested virtualisation" in text
     assert text.splitlines()[-1] == "verdict: NOT ready: 1 required check(s) failed (setpriv (PDEATHSIG))"
     assert doctor.format(checks[:1] + checks[2:]).splitlines()[-1] == "verdict: ready (1 warning(s): kvm)"
+
+
+def test_a_forged_handles_json_naming_an_unrelated_process_leaves_it_alone(roots, dead, tmp_path):
+    run = make_run(roots["run_root"], "forged01", *dead)
+    unrelated = subprocess.Popen(["sleep", "60"])
+    elsewhere = tmp_path / "elsewhere" / "fm-9-9"
+    elsewhere.mkdir(parents=True)
+    lookalike = fake_qemu(elsewhere)  # a QEMU-like command line, but of another VM
+    try:
+        deadline = time.monotonic() + 10  # the stand-in must have exec'd for its cmdline to show
+        while b"qemu-system" not in Path(f"/proc/{lookalike.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        make_vm(run, "fm-9-1", dead, (unrelated.pid, start_of(unrelated.pid)))
+        make_vm(run, "fm-9-2", dead, (lookalike.pid, start_of(lookalike.pid)))
+        report = collect(roots)
+        assert unrelated.poll() is None and lookalike.poll() is None, "gc killed a process that is not its QEMU"
+        assert not run.exists()  # the dead run's files still go
+        skipped = {i.name: i.reason for i in report.skipped if i.kind == "vmm"}
+        assert "is not qemu-system-*" in skipped[f"pid {unrelated.pid} (fm-9-1)"]
+        assert "is not vmfork-fm-9-2" in skipped[f"pid {lookalike.pid} (fm-9-2)"]
+    finally:
+        for proc in (unrelated, lookalike):
+            proc.kill()
+            proc.wait()
+
+
+def test_gc_acts_on_nothing_in_a_run_root_others_can_write(roots, dead):
+    run = make_run(roots["run_root"], "planted1", *dead)
+    roots["run_root"].chmod(0o777)
+    report = collect(roots)
+    assert run.is_dir() and not [i for i in report.removed if i.kind in ("run-dir", "vm-dir", "vmm")]
+    assert [i for i in report.skipped if i.kind == "run-root" and "writable by group or others" in i.reason]
