@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,9 @@ def build_tarball(*, packages: Sequence[str], mode: BuildMode, apt: AptConfig, o
     kernel_out.mkdir(parents=True, exist_ok=True)
     argv = mmdebstrap_argv(packages=packages, mode=mode, apt=apt, overlay=overlay, kernel_hook=kernel_hook,
                            kernel_flavour=kernel_flavour, kernel_out=kernel_out, out_tar=out_tar)
-    env = {**os.environ, "LC_ALL": "C.UTF-8", "TMPDIR": str(work)}
+    # mmdebstrap's own temporary root lives in the system temp dir: in unshare mode the
+    # namespace's root (a subordinate uid) must reach it, and the cache is private (0700).
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "TMPDIR": tempfile.gettempdir()}
     try:
         res = subprocess.run(argv, capture_output=True, text=True, errors="replace", env=env, cwd=work,
                              timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
@@ -203,7 +206,8 @@ def build_tarball(*, packages: Sequence[str], mode: BuildMode, apt: AptConfig, o
                 "(apt-cache policy NAME shows what exists)")
         raise ImageBuildError(
             f"mmdebstrap ({mode.name} mode, sources from {apt.origin}) failed (exit {res.returncode}): "
-            f"{_tail(output)}; check the apt sources (--vmfork-apt-sources) and `vmfork doctor`")
+            f"{_tail(output)}; if a download failed, check the apt sources (--vmfork-apt-sources); "
+            "`vmfork doctor` checks the rest")
     if not out_tar.is_file() or not (kernel_out / "kernel.deb").is_file():
         raise ImageBuildError(f"mmdebstrap succeeded but left no {out_tar} or kernel package; "
                               f"its output: {_tail(res.stderr)}")
