@@ -41,6 +41,7 @@ import grpc  # noqa: E402
 from pyroute2 import IPRoute  # noqa: E402
 
 from pytest_vmfork import mailbox as mbx
+from pytest_vmfork.tree import TreeWriter
 from pytest_vmfork.proto import agent_pb2 as pb
 from pytest_vmfork.proto import agent_pb2_grpc as pb_grpc
 
@@ -346,13 +347,6 @@ def _absolute(context, path: str) -> str:
     return os.path.normpath(path)
 
 
-def _relative(context, rel: str) -> str:
-    parts = rel.split("/")
-    if not rel or "\0" in rel or any(p in ("", ".", "..") for p in parts):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tree entry {rel!r} is not a plain relative path")
-    return rel
-
-
 def _make_dirs(path: str) -> None:
     """mkdir -p, with ENOTDIR (not EEXIST) when a component is not a directory."""
     if os.path.isdir(path):
@@ -399,77 +393,6 @@ def walk_tree(root: str):
                             break
             else:
                 raise OSError(errno.EINVAL, "not a regular file, directory or symlink", e.path)
-
-
-class TreeWriter:
-    """Writes a stream of TreeEntry messages under ``root``: parents must come
-    before their entries; directory modes are applied last (deepest first) so a
-    read-only directory can still be filled."""
-
-    def __init__(self, context, root: str) -> None:
-        self.context, self.root = context, root
-        self.dirs = {""}
-        self.modes: list[tuple[str, int]] = []
-        self.fd: int | None = None
-        self.fd_mode = 0
-        self.path = root
-        self.bytes = self.entries = 0
-
-    def _end_file(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            try:
-                os.fchmod(fd, self.fd_mode)
-            finally:
-                os.close(fd)
-
-    def add(self, e) -> None:
-        if e.kind == pb.TreeEntry.DATA:
-            if self.fd is None:
-                self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "DATA entry without a FILE before it")
-            _write_all(self.fd, e.data)
-            self.bytes += len(e.data)
-            return
-        self._end_file()
-        rel = _relative(self.context, e.path)
-        parent = rel.rpartition("/")[0]
-        if parent not in self.dirs:
-            self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tree entry {rel!r} comes before its directory")
-        self.path = path = os.path.join(self.root, rel)
-        self.entries += 1
-        is_dir = os.path.isdir(path) and not os.path.islink(path)
-        if e.kind == pb.TreeEntry.DIR:
-            if not is_dir:
-                if os.path.lexists(path):
-                    os.unlink(path)
-                os.mkdir(path, 0o700)
-            self.dirs.add(rel)
-            self.modes.append((path, e.mode & 0o7777))
-            return
-        if is_dir:
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if os.path.lexists(path):
-            os.unlink(path)
-        if e.kind == pb.TreeEntry.SYMLINK:
-            os.symlink(e.target, path)
-        elif e.kind == pb.TreeEntry.FILE:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            self.fd_mode = e.mode & 0o7777
-            _write_all(self.fd, e.data)
-            self.bytes += len(e.data)
-        else:
-            self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tree entry {rel!r} has kind {e.kind}")
-
-    def finish(self) -> None:
-        self._end_file()
-        for path, mode in reversed(self.modes):
-            self.path = path
-            os.chmod(path, mode)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 class GuestFiles:
@@ -540,7 +463,11 @@ class GuestFiles:
         if first is None or first.WhichOneof("msg") != "guest_dir":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PutTree starts with the guest directory")
         root = _absolute(context, first.guest_dir)
-        writer = TreeWriter(context, root)
+
+        def fail(why: str):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"put_tree: {why}")
+
+        writer = TreeWriter(root, fail=fail)
         try:
             _make_dirs(root)
             for msg in request_iterator:

@@ -25,11 +25,12 @@ import errno
 import os
 import stat
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Iterator, NoReturn, Union
 
 from .agent import AgentClient
 from .errors import ConfigError, GuestError, GuestFileError
 from .proto import agent_pb2 as pb
+from .tree import TreeWriter
 
 CHUNK = 1 << 20  # guest/agent.py CHUNK: one gRPC message of content
 DEFAULT_TIMEOUT = 300.0  # seconds per transfer (a whole put/get/tree)
@@ -210,91 +211,6 @@ def _host_dir(op: str, host_dir: object, *, create: bool) -> Path:
     return root
 
 
-class _HostTreeWriter:
-    """Writes the guest's (untrusted) entries under ``root``, never outside it."""
-
-    def __init__(self, root: Path, max_bytes: int, max_entries: int) -> None:
-        self.root, self.max_bytes, self.max_entries = root, max_bytes, max_entries
-        self.dirs = {""}
-        self.modes: list[tuple[str, int]] = []
-        self.fd: int | None = None
-        self.fd_mode = 0
-        self.bytes = self.entries = 0
-
-    def _bad(self, why: str) -> GuestError:
-        return GuestError(f"get_tree: the guest sent a bad tree ({why}); nothing more was written to {self.root}")
-
-    def _write(self, data: bytes) -> None:
-        self.bytes += len(data)
-        if self.bytes > self.max_bytes:
-            raise GuestError(f"get_tree: the tree exceeds max_bytes={self.max_bytes} bytes")
-        view = memoryview(data)
-        while view:
-            assert self.fd is not None
-            view = view[os.write(self.fd, view) :]
-
-    def _end_file(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            try:
-                os.fchmod(fd, self.fd_mode)
-            finally:
-                os.close(fd)
-
-    def add(self, e: pb.TreeEntry) -> None:
-        if e.kind == _TE.DATA:
-            if self.fd is None:
-                raise self._bad("file data without a file entry")
-            self._write(e.data)
-            return
-        self._end_file()
-        self.entries += 1
-        if self.entries > self.max_entries:
-            raise GuestError(f"get_tree: the tree has more than max_entries={self.max_entries} entries")
-        rel = e.path
-        parts = rel.split("/")
-        if not rel or "\0" in rel or any(p in ("", ".", "..") for p in parts):
-            raise self._bad(f"entry path {rel[:200]!r} is not a plain relative path")
-        if rel.rpartition("/")[0] not in self.dirs:  # every parent is a real directory made or checked here
-            raise self._bad(f"entry {rel[:200]!r} comes before its directory")
-        path = os.path.join(self.root, rel)
-        try:
-            st: os.stat_result | None = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        is_dir = st is not None and stat.S_ISDIR(st.st_mode)
-        if e.kind == _TE.DIR:
-            if not is_dir:
-                if st is not None:
-                    os.unlink(path)
-                os.mkdir(path, 0o700)
-            self.dirs.add(rel)
-            self.modes.append((path, e.mode & 0o7777))
-        elif e.kind in (_TE.FILE, _TE.SYMLINK):
-            if is_dir:
-                raise ConfigError(f"get_tree: {path} is a directory on the host but a file in the guest")
-            if st is not None:
-                os.unlink(path)
-            if e.kind == _TE.SYMLINK:
-                os.symlink(e.target, path)
-            else:
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                self.fd_mode = e.mode & 0o7777
-                self._write(e.data)
-        else:
-            raise self._bad(f"entry {rel[:200]!r} has unknown kind {e.kind}")
-
-    def finish(self) -> None:
-        self._end_file()
-        for path, mode in reversed(self.modes):  # deepest first: a read-only dir was filled already
-            os.chmod(path, mode)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 def get_tree(
     agent: AgentClient,
     guest_dir: str,
@@ -308,7 +224,10 @@ def get_tree(
     path = _guest_path("get_tree", guest_dir)
     timeout = _timeout("get_tree", timeout)
     root = _host_dir("get_tree", host_dir, create=True)
-    writer = _HostTreeWriter(root, max_bytes, max_entries)
+    def fail(why: str) -> NoReturn:
+        raise GuestError(f"get_tree: the guest sent a bad tree ({why}); nothing more was written to {root}")
+
+    writer = TreeWriter(str(root), fail=fail, max_bytes=max_bytes, max_entries=max_entries)
     stream = agent.get_tree(path, timeout)
     try:
         for entry in stream:

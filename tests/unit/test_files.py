@@ -1,4 +1,6 @@
-"""Pure logic of files.py and process.py: the host's defences against an untrusted guest."""
+"""Pure logic of tree.py and process.py: the defences against an untrusted peer's tree stream.
+
+tree.TreeWriter runs on both ends (guest for put_tree, host for get_tree)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import os
 import pytest
 
 from pytest_vmfork.errors import GuestError
-from pytest_vmfork.files import _HostTreeWriter
+from pytest_vmfork.tree import TreeWriter
 from pytest_vmfork.process import _Output, truncation_marker
 from pytest_vmfork.proto import agent_pb2 as pb
 
@@ -15,7 +17,11 @@ TE = pb.TreeEntry
 
 
 def write(root, entries, **limits):
-    w = _HostTreeWriter(root, limits.get("max_bytes", 1 << 20), limits.get("max_entries", 100))
+    def fail(why):
+        raise GuestError(f"bad tree ({why})")
+
+    w = TreeWriter(str(root), fail=fail, max_bytes=limits.get("max_bytes", 1 << 20),
+                   max_entries=limits.get("max_entries", 100))
     try:
         for e in entries:
             w.add(e)
