@@ -209,7 +209,7 @@ def build_image(spec: ImageSpec, cache_dir: Path, *, progress: Callable[[str], N
         try:
             _build(spec, key, Path(cache_dir), staging, progress, options)
             private.seal(staging)
-            if final.exists():  # force: move the old image aside; running VMs keep their open files
+            if final.exists():  # forced, untrusted or incomplete: set aside; running VMs keep their open files
                 old = images / f".old-{key}-{os.getpid()}-{secrets.token_hex(4)}"
                 os.rename(final, old)
                 shutil.rmtree(old, ignore_errors=True)
