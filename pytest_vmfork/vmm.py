@@ -367,6 +367,15 @@ class QemuProcess:
         """Execute one QMP command and return its result."""
         return _loop.run(self.qmp.execute(command, args or None), timeout=timeout)
 
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a copy of ``fd`` (SCM_RIGHTS over QMP) under ``name``, for ``fd:<name>`` URIs."""
+
+        async def send() -> None:
+            self.qmp.send_fd_scm(fd)
+            await self.qmp.execute("getfd", {"fdname": name})
+
+        _loop.run(send(), timeout=10)
+
     def wait_migration(self, timeout: float) -> None:
         """Wait until an incoming or outgoing migration completes (MIGRATION events)."""
 
