@@ -126,6 +126,9 @@ class VM:
         self._acks: AckListener | None = None
         self._forwards: dict[int, int] = {}
         self._own_run = False
+        #: merged into the manifest of every snapshot this VM saves (the plugin marks
+        #: a test's snapshots ``ephemeral``: removed when the run ends)
+        self.snapshot_manifest: dict[str, Any] = {}
 
     # --- public API -----------------------------------------------------------
 
@@ -220,7 +223,7 @@ class VM:
         self.state = "paused"
         try:
             snap, timings = save_running(qemu, self.forked_from, run_id=self.run.run_id, key=key, name=name,
-                                         extra=extra)
+                                         extra={**self.snapshot_manifest, **(extra or {})})
         except BaseException:
             if not qemu.alive():
                 self.state = "failed"

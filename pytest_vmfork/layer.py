@@ -22,6 +22,7 @@ at any depth. The manifest records the chain (``parent``, ``depth``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -192,3 +193,36 @@ def _manifest(
         **extra,
     )
     return manifest
+
+
+def layer_key(parent: Snapshot, setup: Any, *, key: str | None, run_id: str) -> str:
+    """The cache key of a layer: its parent, its setup function and the caller's
+    content ``key`` (cached across runs), or this run's id (rebuilt per run)."""
+    who = f"{getattr(setup, '__module__', '?')}.{getattr(setup, '__qualname__', repr(setup))}"
+    doc = {"parent": parent.key, "setup": who, "key": key} if key is not None else {
+        "parent": parent.key, "setup": who, "run": run_id}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def discard(snapshot: Snapshot | Path) -> None:
+    """Remove a saved snapshot (or a cache entry's directory) from the cache.
+    Forks running from it keep their mapping. Never raises for a missing entry."""
+    final = snapshot.dir if isinstance(snapshot, Snapshot) else Path(snapshot)
+    with FileLock(str(final) + ".lock"):
+        if final.exists():
+            trash = final.parent / f".trash-{final.name}-{os.getpid()}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def run_layers(snapshots: Path, run_id: str) -> list[Path]:
+    """The cache entries saved during run ``run_id`` that live only as long as the run."""
+    found = []
+    for manifest in snapshots.glob(f"*/{MANIFEST}"):
+        try:
+            doc = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("ephemeral") and doc.get("run_id") == run_id:
+            found.append(manifest.parent)
+    return found

@@ -27,7 +27,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from .errors import VMForkError
 
@@ -36,6 +36,7 @@ FLAG_ZERO, FLAG_MEM_SIZE, FLAG_PAGE, FLAG_EOS, FLAG_CONTINUE = 0x02, 0x04, 0x08,
 FLAGS_UNSUPPORTED = 0x01 | 0x40 | 0x80 | 0x100 | 0x200  # FULL, XBZRLE, HOOK, COMPRESS, MULTIFD_FLUSH
 SECTION_START, SECTION_PART, SECTION_END, SECTION_FOOTER = 0x01, 0x02, 0x03, 0x7E
 HEADER_LIMIT = 64 * 1024  # header + configuration come first and are tiny
+CHUNK = 1 << 20  # reads from the stream
 RUN_LIMIT = 1 << 20  # coalesce contiguous pages into writes of up to this size
 _RAM_START = re.compile(rb"\x01(.{4})\x03ram\x00\x00\x00\x00(.{4})", re.DOTALL)
 _BE64, _BE32 = struct.Struct(">Q"), struct.Struct(">I")
@@ -53,43 +54,66 @@ class SplitStats:
     stream_bytes: int = 0
 
 
-class _Reader:
+class _Buf:
+    """Exact reads out of large chunks of the source (one Python call per field)."""
+
     def __init__(self, src: BinaryIO) -> None:
         self.src = src
-        self.count = 0
+        self.buf = b""
+        self.pos = 0
+        self.total = 0
 
-    def exact(self, n: int) -> bytes:
-        data = self.src.read(n)
-        if data is None or len(data) != n:
-            raise StreamError(f"migration stream ended early (wanted {n} bytes at offset {self.count})")
-        self.count += n
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.buf):
+            self._fill(n)
+            end = n
+        data = self.buf[self.pos:end]
+        self.pos = end
         return data
+
+    def _fill(self, n: int) -> None:
+        parts, have = [self.buf[self.pos:]], len(self.buf) - self.pos
+        while have < n:
+            chunk = self.src.read(max(CHUNK, n - have))
+            if not chunk:
+                raise StreamError(f"migration stream ended early (after {self.total} bytes)")
+            parts.append(chunk)
+            have += len(chunk)
+            self.total += len(chunk)
+        self.buf, self.pos = b"".join(parts), 0
+
+    def rest(self) -> Iterator[bytes]:
+        if self.pos < len(self.buf):
+            yield self.buf[self.pos:]
+        self.buf, self.pos = b"", 0
+        while chunk := self.src.read(CHUNK):
+            self.total += len(chunk)
+            yield chunk
 
 
 def split(src: BinaryIO, state: BinaryIO, ram_fd: int, *, block: str, block_size: int) -> SplitStats:
     """Read the stream from ``src``; write ``block``'s pages to ``ram_fd`` (an
     fd of a file truncated to ``block_size``) and the rest to ``state``."""
     stats = SplitStats()
-    r = _Reader(src)
+    pending = _Buf(src)
+    take = pending.take
     head = b""
-    while (m := _RAM_START.search(head)) is None:
-        chunk = src.read(min(4096, HEADER_LIMIT - len(head)))
-        if not chunk:
-            raise StreamError("no RAM section in the first bytes of the migration stream")
-        head += chunk
-    r.count = len(head)
+    while (m := _RAM_START.search(head)) is None:  # header and configuration: copied as they are
+        if len(head) >= HEADER_LIMIT:
+            raise StreamError(f"no RAM section in the first {HEADER_LIMIT} bytes of the migration stream")
+        head += take(1)
     section_id = m.group(1)
-    start = head[: m.end()]
-    if start[:4] != b"QEVM":
+    if head[:4] != b"QEVM":
         raise StreamError("not a QEMU migration stream (no QEVM magic)")
     out = _Writer(state)
-    out.put(start)
-    pending = _Prefix(head[m.end():], r)
+    out.put(head)
+    ours = block.encode()
     runs = _RunWriter(ram_fd, block_size)
     last_out_block: bytes | None = None  # block of the last entry written to ``state``
     current: bytes | None = None  # block of the last entry read
     while True:  # one ram section's entries, then its footer
-        value = _BE64.unpack(pending.exact(8))[0]
+        value = _BE64.unpack(take(8))[0]
         flags, addr = value & (PAGE - 1), value & ~(PAGE - 1)
         if flags & FLAGS_UNSUPPORTED:
             raise StreamError(f"unsupported RAM entry flags {flags:#x} (compression, XBZRLE or multifd?)")
@@ -97,22 +121,22 @@ def split(src: BinaryIO, state: BinaryIO, ram_fd: int, *, block: str, block_size
             out.put(_BE64.pack(value))
             left = addr
             while left > 0:  # the block list: name, length, guest address (x-ignore-shared)
-                n = pending.exact(1)
-                name = pending.exact(n[0])
-                length = pending.exact(8)
-                gpa = pending.exact(8)
+                n = take(1)
+                name = take(n[0])
+                length = take(8)
+                gpa = take(8)
                 out.put(n + name + length + gpa)
                 left -= _BE64.unpack(length)[0]
             continue
         if flags & FLAG_EOS:
             out.put(_BE64.pack(value))
-            footer = pending.exact(5)
+            footer = take(5)
             if footer[0] != SECTION_FOOTER or footer[1:] != section_id:
                 raise StreamError("RAM section without its footer (a machine type without section footers?)")
             out.put(footer)
-            nxt = pending.exact(1)
+            nxt = take(1)
             if nxt[0] in (SECTION_PART, SECTION_END):
-                sid = pending.exact(4)
+                sid = take(4)
                 if sid != section_id:
                     raise StreamError("an iterable section other than RAM in the migration stream")
                 out.put(nxt + sid)
@@ -124,12 +148,12 @@ def split(src: BinaryIO, state: BinaryIO, ram_fd: int, *, block: str, block_size
         if not flags & (FLAG_ZERO | FLAG_PAGE):
             raise StreamError(f"unknown RAM entry flags {flags:#x}")
         if not flags & FLAG_CONTINUE:
-            n = pending.exact(1)
-            current = pending.exact(n[0])
+            n = take(1)
+            current = take(n[0])
         elif current is None:
             raise StreamError("RAM entry continues a block that was never named")
-        body = pending.exact(1 if flags & FLAG_ZERO else PAGE)
-        if current == block.encode():
+        body = take(1 if flags & FLAG_ZERO else PAGE)
+        if current == ours:
             if addr + PAGE > block_size:
                 raise StreamError(f"page at {addr:#x} is outside the {block_size}-byte block {block!r}")
             if flags & FLAG_ZERO and body == b"\x00":
@@ -150,34 +174,6 @@ def split(src: BinaryIO, state: BinaryIO, ram_fd: int, *, block: str, block_size
     stats.state_bytes = out.count
     stats.stream_bytes = pending.total
     return stats
-
-
-class _Prefix:
-    """Reads first from bytes already taken off the source, then from the source."""
-
-    def __init__(self, buffered: bytes, r: _Reader) -> None:
-        self.buf = buffered
-        self.r = r
-
-    def exact(self, n: int) -> bytes:
-        if self.buf:
-            take, self.buf = self.buf[:n], self.buf[n:]
-            if len(take) < n:
-                take += self.r.exact(n - len(take))
-            return take
-        return self.r.exact(n)
-
-    def rest(self):  # type: ignore[no-untyped-def]
-        if self.buf:
-            yield self.buf
-            self.buf = b""
-        while chunk := self.r.src.read(1 << 20):
-            self.r.count += len(chunk)
-            yield chunk
-
-    @property
-    def total(self) -> int:
-        return self.r.count
 
 
 class _Writer:
