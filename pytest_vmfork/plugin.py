@@ -11,14 +11,16 @@ import shutil
 import signal
 import statistics
 import threading
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 from filelock import FileLock
 
 from .config import OPTIONS, Settings
-from .errors import BuildError, ConfigError
+from .errors import BuildError, ConfigError, VMForkError
 from .gc import gc_at_session_start
+from .kept import identity as kept_identity
 from .fork import VM, MailboxPayload, Network, fork
 from .layer import check_name, discard, layer_key, run_layers
 from .pool import WarmPool
@@ -234,20 +236,46 @@ class VMForkSession:
                       f"({t['snapshot_bytes'] / 2**20:.0f} MiB on disk, depth {snap.depth})")
         return snap
 
-    def release(self, vm: VM, failed: bool) -> None:
+    def release(self, vm: VM, failed: bool, node: pytest.Item | None = None) -> None:
         self.live.discard(vm)
         keep = failed and self.settings.keep_failed
-        vm.close(keep_files=keep)
-        if keep:
-            kept = base_dir() / "kept" / f"{self.run.run_id}-{vm.name}"
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(vm.dir), kept)
-            for sock in kept.glob("*.sock"):
-                sock.unlink()
-            self.progress(
-                f"vmfork: kept the files of failed VM {vm.name}: {kept} "
-                "(console.log = guest console after the restore, qemu.stderr, handles.json)"
-            )
+        if not keep:
+            vm.close()
+            return
+        saved = self._keep_snapshot(vm, node)
+        vm.close(keep_files=True)
+        kept = base_dir() / "kept" / f"{self.run.run_id}-{vm.name}"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(vm.dir), kept)
+        for sock in kept.glob("*.sock"):
+            sock.unlink()
+        files = f"{kept} (console.log = guest console after the restore, qemu.stderr, handles.json)"
+        if saved is None:
+            self.progress(f"vmfork: kept the files of failed VM {vm.name}: {files}")
+            return
+        stock = Path.home() / ".cache" / "pytest-vmfork"  # the CLI's default when nothing is set
+        cache = "" if self.settings.cache_dir == stock else f" --cache-dir {self.settings.cache_dir}"
+        self.progress(
+            f"vmfork: kept failed VM {vm.name} of {node.nodeid if node else '?'} as {saved.name!r} "
+            f"({saved.dir}); step in with: vmfork exec{cache} {saved.name} -- sh -c '...'  "
+            f"(`vmfork kept` lists kept VMs, `vmfork gc --kept` removes them); its files: {files}"
+        )
+
+    def _keep_snapshot(self, vm: VM, node: pytest.Item | None) -> Snapshot | None:
+        """Save a failed test's running fork as a kept snapshot; None if it cannot be."""
+        if vm.state != "running" or node is None:
+            return None
+        made = node.stash.get(ITEM_VMS, [])
+        index = made.index(vm) if vm in made else 0
+        key, name = kept_identity(node.nodeid, index)
+        try:
+            return vm._save(name=name, resume=False, key=key, extra={
+                "ephemeral": False,
+                "kept": {"test": node.nodeid, "run_id": self.run.run_id, "vm": vm.name},
+            })
+        except VMForkError as exc:
+            self.progress(f"vmfork: could not save failed VM {vm.name} as a snapshot: {exc}")
+            return None
 
     def close(self) -> None:
         for vm in list(self.live):
@@ -346,7 +374,7 @@ def vm(request: pytest.FixtureRequest, vmfork_snapshot: Snapshot) -> Iterator[VM
     machine = session.fork(vmfork_snapshot, payloads)
     request.node.stash.setdefault(ITEM_VMS, []).append(machine)
     yield machine
-    session.release(machine, _failed(request.node))
+    session.release(machine, _failed(request.node), request.node)
 
 
 def vmfork_layer(
@@ -428,7 +456,7 @@ def vm_factory(request: pytest.FixtureRequest) -> Iterator[VMFactory]:
     yield factory
     failed = _failed(request.node)
     for machine in factory.vms:
-        _session(request).release(machine, failed)
+        _session(request).release(machine, failed, request.node)
 
 
 def _marker_payloads(node: pytest.Item) -> dict[str, Any] | None:

@@ -4,14 +4,20 @@ across runs with a content key, removed at the end of a run without one."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from pytest_vmfork.layer import discard
 from pytest_vmfork.plugin import SESSION_KEY
 
 from .suites import CONFTEST
-from .test_templates import run_inner, short_tmp, write_suite  # noqa: F401 (short_tmp: a fixture)
+from .test_plugin import qemu_processes_under
+from .test_templates import inner_env, run_inner, short_tmp, write_suite  # noqa: F401 (short_tmp: a fixture)
 
 LAYER_SUITE = {
     "conftest.py": CONFTEST + """
@@ -43,10 +49,14 @@ def test_a_layer_without_key_works_too(vm_factory, per_run):
 
 
 def _entries(snapshots: Path) -> dict[str, dict]:
+    """This suite's layers in the (shared) cache: other tests save layers there too."""
     out = {}
     for manifest in snapshots.glob("*/manifest.json"):
-        doc = json.loads(manifest.read_text())
-        if doc.get("depth"):
+        try:
+            doc = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue  # another test's entry, being removed
+        if doc.get("layer") in ("seeded", "scratch"):
             out[manifest.parent.name] = doc
     return out
 
@@ -76,3 +86,73 @@ def test_a_keyed_layer_is_built_once_across_workers_and_reused_by_the_next_run(
     finally:
         for key in set(_entries(snapshots)) - before:
             discard(snapshots / key)
+
+
+# --- --vmfork-keep-failed: a failed test's VM, saved, stepped into, collected -----------
+
+KEPT_SUITE = {
+    "conftest.py": CONFTEST,
+    "test_fails.py": """
+def test_writes_evidence_then_fails(vm):
+    vm.exec("echo evidence-$(hostname) > /root/evidence && sync").check()
+    assert False, "fails on purpose"
+
+def test_passes(vm):
+    vm.exec("echo fine > /root/evidence").check()
+""",
+}
+
+
+def _private_cache(shared: Path, template_snapshot: Path, root: Path) -> Path:
+    """A cache of its own that sees the shared images and template snapshot (links), so
+    kept VMs saved and collected here never touch anyone else's."""
+    cache = root / "cache"
+    (cache / "snapshots").mkdir(parents=True)
+    (cache / "images").symlink_to(shared / "images", target_is_directory=True)
+    (cache / "snapshots" / template_snapshot.name).symlink_to(template_snapshot, target_is_directory=True)
+    if (shared / "probes").is_dir():
+        shutil.copytree(shared / "probes", cache / "probes")
+    return cache
+
+
+def _vmfork(tmp: Path, cache: Path, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The vmfork command, with the run root under ``tmp`` (TMPDIR) and the private cache."""
+    argv = [sys.executable, "-m", "pytest_vmfork.cli", command, "--cache-dir", str(cache), *args]
+    return subprocess.run(argv, env=inner_env(tmp), capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_a_failed_test_s_vm_is_kept_as_a_snapshot_that_vmfork_exec_restores_until_gc_kept(
+    tmp_path: Path, short_tmp: Path, request, vmfork_snapshot  # noqa: F811
+):
+    shared = request.config.stash[SESSION_KEY].settings.cache_dir
+    cache = _private_cache(shared, vmfork_snapshot.dir, tmp_path)
+    suite = tmp_path / "suite"
+    write_suite(suite, KEPT_SUITE)
+    code, out = run_inner(suite, short_tmp, "--vmfork-keep-failed", VMFORK_CACHE_DIR=str(cache))
+    assert code == 1 and "1 failed, 1 passed" in out, out[-6000:]
+    m = re.search(r"kept failed VM \S+ of test_fails.py::test_writes_evidence_then_fails as '([^']+)'.*"
+                  r"step in with: vmfork exec --cache-dir \S+ (\S+) -- ", out)
+    assert m and m[1] == m[2], out[-6000:]
+    name = m[1]
+    assert not qemu_processes_under(short_tmp), "a kept VM still runs after the session"
+
+    listed = _vmfork(short_tmp, cache, "kept")
+    assert listed.returncode == 0 and name in listed.stdout, listed
+    assert "test_fails.py::test_writes_evidence_then_fails" in listed.stdout and "MiB" in listed.stdout
+    assert "test_passes" not in listed.stdout
+
+    res = _vmfork(short_tmp, cache, "exec", name, "--", "cat", "/root/evidence")
+    assert res.returncode == 0 and res.stdout.startswith("evidence-"), res.stderr[-3000:]
+    again = _vmfork(short_tmp, cache, "exec", name, "--", "sh", "-c", "cat /root/evidence; exit 3")
+    assert again.returncode == 3 and again.stdout == res.stdout  # each exec forks the kept VM afresh
+    assert not qemu_processes_under(short_tmp)
+    missing = _vmfork(short_tmp, cache, "exec", "no-such-vm", "--", "true")
+    assert missing.returncode == 2 and name in missing.stderr  # the error lists what is kept
+
+    gc = _vmfork(short_tmp, cache, "gc", "--kept")
+    assert gc.returncode == 0, gc
+    assert "no kept VMs" in _vmfork(short_tmp, cache, "kept").stdout
+    assert not [p for p in (cache / "snapshots").iterdir() if p.is_dir() and not p.is_symlink()]
+    kept_files = short_tmp / f"vmfork-{os.getuid()}" / "kept"
+    assert not kept_files.exists() or not list(kept_files.iterdir())
+    assert vmfork_snapshot.memory_path.exists()  # the shared template snapshot is untouched

@@ -90,7 +90,7 @@ def test_keep_failed_keeps_the_console_log_and_says_where(suite):
     suite.makepyfile("def test_fails(vm):\n    assert False\n")
     result = suite.runpytest_subprocess("-p", "no:cacheprovider", "--vmfork-keep-failed")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*kept the files of failed VM*"])
+    result.stdout.fnmatch_lines(["*kept failed VM * as *step in with: vmfork exec*"])
     assert list(suite.tmp.rglob("console.log"))
     assert qemu_processes_under(suite.tmp) == []
 

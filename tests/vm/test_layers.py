@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pytest_vmfork import VM, ConfigError, Snapshot, StateError, vmfork_layer
+from pytest_vmfork import VM, ConfigError, Snapshot, StateError, fork, vmfork_layer
 from pytest_vmfork.snapshot import _sha256
 
 READ_RANDOM = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
@@ -127,3 +127,10 @@ def test_vmfork_layer_refuses_a_bad_key_before_any_vm():
         vmfork_layer(start_app, key="")
     with pytest.raises(ConfigError, match="setup"):
         vmfork_layer("not callable")  # type: ignore[arg-type]
+
+
+def test_a_snapshot_of_a_tap_fork_also_forks_without_network_and_with_user_mode(app_layer: Snapshot):
+    assert app_layer.manifest.get("layer") == "start_app"  # saved from a fork on the run's TAP network
+    for network in ("none", "user"):
+        with fork(app_layer, network=network) as machine:
+            assert machine.exec(["cat", "/root/layer-file"]).stdout == b"prepared\n"
