@@ -5,6 +5,7 @@
     vmfork key [--template ...]
     vmfork kept [--cache-dir D]
     vmfork exec NAME -- cat /tmp/what-the-failed-test-wrote
+    vmfork shell NAME
     vmfork gc [--dry-run] [--kept] [--orphan-links] [--lease-dir D] [--cache-dir D]
     vmfork doctor [--cache-dir D]
 """
@@ -139,6 +140,22 @@ def cmd_exec(args: argparse.Namespace) -> int:
         run.remove()
 
 
+def cmd_shell(args: argparse.Namespace) -> int:
+    """Fork a kept VM and open an interactive shell in it (a guest PTY over the control channel)."""
+    from .kept import find_kept
+    from .shell import interactive
+
+    snap = find_kept(args.cache_dir, args.name)
+    run = Run()
+    try:
+        with fork(snap, run=run) as vm:
+            print(f"[vmfork] {vm.name}: a fork of kept VM {args.name}; exit the shell to tear it down",
+                  file=sys.stderr)
+            return interactive(vm, args.argv or None)
+    finally:
+        run.remove()
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from .gc import collect
 
@@ -211,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--timeout", type=float, default=60.0)
     e.add_argument("argv", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_exec)
+
+    sh = sub.add_parser("shell", help="restore a kept VM and open an interactive shell in it")
+    sh.add_argument("name", help="the kept VM's name (`vmfork kept` lists them)")
+    sh.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    sh.add_argument("argv", nargs=argparse.REMAINDER, help="a program to run instead of the login shell")
+    sh.set_defaults(func=cmd_shell)
 
     d = sub.add_parser("doctor",
                        help="check that this host can run forked VMs and say how to fix what is missing")

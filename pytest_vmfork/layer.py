@@ -40,6 +40,9 @@ from .errors import ConfigError, RestoreError
 from .snapshot import MANIFEST, Snapshot, _sha256, verify_files
 from .vmm import QemuProcess
 
+#: Bumped when what a layer's files hold changes (2: saved from NICs without a
+#: virtio-net header backend): older cached layers are then not reused.
+LAYER_RECIPE = 2
 RAM_BLOCK = "ram0"  # the memory-backend id (vmm.MachineSpec.argv)
 SAVE_TIMEOUT = 300.0
 MAX_NAME = 200
@@ -199,8 +202,8 @@ def layer_key(parent: Snapshot, setup: Any, *, key: str | None, run_id: str) -> 
     """The cache key of a layer: its parent, its setup function and the caller's
     content ``key`` (cached across runs), or this run's id (rebuilt per run)."""
     who = f"{getattr(setup, '__module__', '?')}.{getattr(setup, '__qualname__', repr(setup))}"
-    doc = {"parent": parent.key, "setup": who, "key": key} if key is not None else {
-        "parent": parent.key, "setup": who, "run": run_id}
+    doc = {"recipe": LAYER_RECIPE, "parent": parent.key, "setup": who,
+           **({"key": key} if key is not None else {"run": run_id})}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
 
