@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import grpc
 
@@ -110,6 +110,14 @@ class AgentClient:
         if resp.timed_out:
             raise ExecTimeout(argv, timeout, resp.stdout, resp.stderr)
         return ExecResult(tuple(argv), resp.exit_code, resp.stdout, resp.stderr, resp.duration_ms)
+
+    def shell(self, inputs: Iterator[pb.ShellInput]) -> Iterator[pb.ShellOutput]:
+        """The Shell stream: no deadline (a person is typing); it ends when the program exits."""
+        try:
+            yield from self._stub.Shell(inputs, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            raise GuestError(f"guest agent Shell failed: {detail}") from exc
 
     def close(self) -> None:
         self._channel.close()

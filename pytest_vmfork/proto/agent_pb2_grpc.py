@@ -59,6 +59,11 @@ class AgentStub:
                 request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxRequest.SerializeToString,
                 response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxResponse.FromString,
                 _registered_method=True)
+        self.Shell = channel.stream_stream(
+                '/vmfork.agent.v1.Agent/Shell',
+                request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.ShellInput.SerializeToString,
+                response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.ShellOutput.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -100,6 +105,16 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Shell(self, request_iterator, context):
+        """An interactive program on a pseudo-terminal (`vmfork shell`): the first
+        message starts it (argv, window size, TERM), the following ones carry
+        keystrokes and window size changes; the replies carry the terminal's
+        output and, last, the exit status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +142,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ReadMailbox,
                     request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxRequest.FromString,
                     response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxResponse.SerializeToString,
+            ),
+            'Shell': grpc.stream_stream_rpc_method_handler(
+                    servicer.Shell,
+                    request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.ShellInput.FromString,
+                    response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.ShellOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +284,33 @@ class Agent:
             '/vmfork.agent.v1.Agent/ReadMailbox',
             pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxRequest.SerializeToString,
             pytest__vmfork_dot_proto_dot_agent__pb2.ReadMailboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shell(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vmfork.agent.v1.Agent/Shell',
+            pytest__vmfork_dot_proto_dot_agent__pb2.ShellInput.SerializeToString,
+            pytest__vmfork_dot_proto_dot_agent__pb2.ShellOutput.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import secrets
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pytest_vmfork.layer import discard
 from pytest_vmfork.plugin import SESSION_KEY
+from pytest_vmfork.shell import set_window_size
 
 from .suites import CONFTEST
 from .test_plugin import qemu_processes_under
@@ -121,7 +126,7 @@ def _vmfork(tmp: Path, cache: Path, command: str, *args: str) -> subprocess.Comp
     return subprocess.run(argv, env=inner_env(tmp), capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_a_failed_test_s_vm_is_kept_as_a_snapshot_that_vmfork_exec_restores_until_gc_kept(
+def test_a_failed_test_s_vm_is_kept_as_a_snapshot_that_vmfork_exec_and_shell_restore_until_gc_kept(
     tmp_path: Path, short_tmp: Path, request, vmfork_snapshot  # noqa: F811
 ):
     shared = request.config.stash[SESSION_KEY].settings.cache_dir
@@ -149,6 +154,9 @@ def test_a_failed_test_s_vm_is_kept_as_a_snapshot_that_vmfork_exec_restores_unti
     missing = _vmfork(short_tmp, cache, "exec", "no-such-vm", "--", "true")
     assert missing.returncode == 2 and name in missing.stderr  # the error lists what is kept
 
+    _drive_shell(short_tmp, cache, name)
+    assert not qemu_processes_under(short_tmp), "the shell's fork outlived it"
+
     gc = _vmfork(short_tmp, cache, "gc", "--kept")
     assert gc.returncode == 0, gc
     assert "no kept VMs" in _vmfork(short_tmp, cache, "kept").stdout
@@ -156,3 +164,47 @@ def test_a_failed_test_s_vm_is_kept_as_a_snapshot_that_vmfork_exec_restores_unti
     kept_files = short_tmp / f"vmfork-{os.getuid()}" / "kept"
     assert not kept_files.exists() or not list(kept_files.iterdir())
     assert vmfork_snapshot.memory_path.exists()  # the shared template snapshot is untouched
+
+
+def _drive_shell(tmp: Path, cache: Path, name: str) -> None:
+    """`vmfork shell NAME` on a real PTY (33x101): a command, line editing, the window
+    size, Ctrl-C to a guest program, and `exit 7` ending the command with status 7."""
+    master, slave = pty.openpty()
+    set_window_size(slave, 33, 101)
+    proc = subprocess.Popen([sys.executable, "-m", "pytest_vmfork.cli", "shell", "--cache-dir", str(cache), name],
+                            stdin=slave, stdout=slave, stderr=slave, env=inner_env(tmp), start_new_session=True)
+    os.close(slave)
+    seen = bytearray()
+
+    def expect(text: bytes, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} not on the terminal within {timeout:g}s; it shows {bytes(seen[-3000:])!r}"
+            if select.select([master], [], [], min(left, 1.0))[0]:
+                try:
+                    seen.extend(os.read(master, 4096))
+                except OSError:  # EIO: the command exited and closed the terminal
+                    assert text in seen, f"{text!r} never shown; the terminal shows {bytes(seen[-3000:])!r}"
+
+    try:
+        expect(b":~# ")  # the guest shell's prompt: type only now (raw mode flushes earlier input)
+        os.write(master, b"echo ready-$((2+3))\r")
+        expect(b"ready-5")
+        os.write(master, b"echo abX\x7fc-$((1+1))\r")  # Backspace, edited by the guest shell
+        expect(b"abc-2")
+        os.write(master, b"stty size\r")
+        expect(b"33 101")
+        os.write(master, b"python3 -c 'import time; print(\"nap\" + \"ping\", flush=True); time.sleep(300)'\r")
+        expect(b"napping")
+        os.write(master, b"\x03")  # Ctrl-C: SIGINT from the guest tty to the guest program
+        expect(b"KeyboardInterrupt")
+        os.write(master, b"echo after-$((3*3))\r")
+        expect(b"after-9")
+        os.write(master, b"exit 7\r")
+        assert proc.wait(60) == 7
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.close(master)
