@@ -27,7 +27,7 @@ from .pool import WarmPool
 from .network import RunNetwork, has_net_admin
 from .registry import SnapshotRegistry
 from .run import Run, base_dir, new_run_id
-from .snapshot import Snapshot
+from .snapshot import Snapshot, incompatibility
 from .template import Template
 
 SESSION_KEY = pytest.StashKey["VMForkSession"]()
@@ -213,6 +213,11 @@ class VMForkSession:
                 except BuildError as exc:
                     self.progress(f"vmfork: discarding damaged layer {label} ({lkey}): {exc}")
                     shutil.rmtree(final, ignore_errors=True)
+                else:
+                    why = incompatibility(snap.manifest, base.machine.accel)
+                    if why:  # a cache from another host: same key, other CPU
+                        self.progress(f"vmfork: cached layer {label} does not fit this host ({why}); rebuilding")
+                        snap = None
             if snap is None:
                 snap = self._build_layer(base, setup, lkey, name or label, label, ephemeral=key is None)
         self.layers[lkey] = snap
