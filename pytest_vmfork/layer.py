@@ -131,8 +131,13 @@ def _migrate_split(qemu: QemuProcess, staging: Path, memory_bytes: int) -> migst
 
     thread = threading.Thread(target=reader, name=f"vmfork-split-{qemu.name}", daemon=True)
     try:
-        os.ftruncate(fd, memory_bytes)
-        thread.start()
+        try:
+            os.ftruncate(fd, memory_bytes)
+            thread.start()  # it owns ``rd`` from here
+        except BaseException:
+            os.close(rd)
+            os.close(wr)
+            raise
         try:
             qemu.send_fd(wr, "vmfork-layer")
         finally:
@@ -141,11 +146,14 @@ def _migrate_split(qemu: QemuProcess, staging: Path, memory_bytes: int) -> migst
         qemu.cmd("migrate", uri="fd:vmfork-layer")
         try:
             qemu.wait_migration(timeout=SAVE_TIMEOUT)
-        except BaseException:
+        except BaseException as exc:
             try:
                 qemu.cmd("migrate_cancel")
             except Exception:
                 pass
+            thread.join(10)
+            if "error" in result:  # the reader gave up first (and closed the pipe): its reason
+                raise RestoreError(f"saving {qemu.name}: {result['error']}") from exc
             raise
         thread.join(SAVE_TIMEOUT)
         if thread.is_alive():
