@@ -20,18 +20,22 @@ the console, pre-opened file descriptors, pre-built objects.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import json
 import mmap
 import os
+import pty
 import random
+import select
 import signal
 import socket
 import stat
 import struct
 import subprocess
+import termios
 import threading
 import time
 from concurrent import futures
@@ -65,6 +69,7 @@ OUTPUT_LIMIT = 1 << 20  # default bytes kept per spawned process stream
 MAX_OUTPUT_LIMIT = 64 << 20
 MAX_PROCESSES = 1024  # records kept; the oldest exited ones go first
 MAX_WAIT_S = 10.0  # a ReadProcess long poll holds a server thread at most this long
+SHELL_CHUNK = 65536  # bytes per PTY read or write
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -918,6 +923,67 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
             stdout_dropped=dropped[out_fd],
             stderr_dropped=dropped[err_fd],
         )
+
+
+    def Shell(self, request_iterator, context):  # noqa: N802
+        """A program on a PTY: keystrokes in, terminal output out (vmfork shell)."""
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        argv = list(first.argv) or (["/bin/bash", "-l"] if os.path.exists("/bin/bash") else ["/bin/sh", "-l"])
+        pid, master = pty.fork()  # the child: a new session with the PTY as its controlling tty
+        if pid == 0:
+            try:
+                env = dict(CHILD_ENV, TERM=first.term or "xterm", HOME="/root")
+                os.chdir("/root")
+                os.execvpe(argv[0], argv, env)
+            finally:
+                os._exit(127)
+
+        def resize(rows, cols):
+            if rows and cols:
+                fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", min(rows, 10000), min(cols, 10000), 0, 0))
+
+        def pump_in():
+            try:
+                resize(first.rows, first.cols)
+                for msg in request_iterator:
+                    resize(msg.rows, msg.cols)
+                    data = msg.data[:SHELL_CHUNK]
+                    while data:
+                        data = data[os.write(master, data):]
+            except Exception:  # the client went away or the program ended
+                pass
+            with contextlib.suppress(ProcessLookupError):  # the host hung up: like a closed terminal
+                os.kill(pid, signal.SIGHUP)  # (a zombie ignores it; a reaped pid is gone)
+
+        threading.Thread(target=pump_in, name="shell-in", daemon=True).start()
+        status = None
+        try:
+            while True:
+                ready, _, _ = select.select([master], [], [], 0.2)
+                if ready:
+                    try:
+                        data = os.read(master, SHELL_CHUNK)
+                    except OSError:  # EIO: every slave fd closed
+                        data = b""
+                    if data:
+                        yield pb.ShellOutput(data=data)
+                        continue
+                done, st = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    status = st
+                    break
+                if ready:  # EOF but the program lives on (it closed its tty): wait for it
+                    _, status = os.waitpid(pid, 0)
+                    break
+        finally:
+            if status is None:  # the stream was cancelled
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+                _, status = os.waitpid(pid, 0)
+            os.close(master)
+        yield pb.ShellOutput(exited=True, exit_code=os.waitstatus_to_exitcode(status))
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -57,5 +57,16 @@ __all__ = [
     "WarmPool",
     "fork",
     "snapshot_for",
+    "vmfork_layer",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``vmfork_layer`` lives in the pytest plugin: imported on first use, so a
+    script that only forks VMs does not import pytest."""
+    if name == "vmfork_layer":
+        from .plugin import vmfork_layer
+
+        return vmfork_layer
+    raise AttributeError(f"module 'pytest_vmfork' has no attribute {name!r}")

@@ -160,6 +160,14 @@ class AgentClient:
         req = pb.SignalProcessRequest(pid=pid, signal=sig, group=group)
         return self._call("SignalProcess", req, timeout).delivered  # type: ignore[attr-defined]
 
+    def shell(self, inputs: Iterator[pb.ShellInput]) -> Iterator[pb.ShellOutput]:
+        """The Shell stream: no deadline (a person is typing); it ends when the program exits."""
+        try:
+            yield from self._stub.Shell(inputs, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            raise GuestError(f"guest agent Shell failed: {detail}") from exc
+
     def close(self) -> None:
         self._channel.close()
 

@@ -3,6 +3,9 @@
     vmfork build [--template pkg.module:NAME] [--rebuild]
     vmfork run [--template ...] -- uname -a
     vmfork key [--template ...]
+    vmfork kept [--cache-dir D]
+    vmfork exec NAME -- cat /tmp/what-the-failed-test-wrote
+    vmfork shell NAME
     vmfork gc [--dry-run] [--kept] [--orphan-links] [--lease-dir D] [--cache-dir D]
     vmfork doctor [--cache-dir D]
 """
@@ -105,6 +108,56 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kept(args: argparse.Namespace) -> int:
+    """List the VMs --vmfork-keep-failed saved: name, test id, when, size on disk."""
+    from .kept import list_kept
+
+    kept = list_kept(args.cache_dir)
+    if not kept:
+        print(f"no kept VMs in {args.cache_dir} (pytest --vmfork-keep-failed keeps failed tests' VMs)")
+        return 0
+    rows = [(k.name, k.test, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(k.created)),
+             f"{k.disk_bytes / 2**20:.0f} MiB") for k in kept]
+    widths = [max(len(r[i]) for r in [("NAME", "TEST", "SAVED", "SIZE"), *rows]) for i in range(4)]
+    for row in [("NAME", "TEST", "SAVED", "SIZE"), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    """Fork a kept VM, run one command in it, tear the fork down (the kept snapshot stays)."""
+    from .kept import find_kept
+
+    if not args.argv:
+        raise ConfigError(f"vmfork exec needs a command after --, e.g. vmfork exec {args.name} -- ls /root")
+    snap = find_kept(args.cache_dir, args.name)
+    run = Run()
+    try:
+        with fork(snap, run=run) as vm:
+            res = vm.exec(args.argv, timeout=args.timeout)
+            sys.stdout.buffer.write(res.stdout)
+            sys.stderr.buffer.write(res.stderr)
+            return res.returncode
+    finally:
+        run.remove()
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    """Fork a kept VM and open an interactive shell in it (a guest PTY over the control channel)."""
+    from .kept import find_kept
+    from .shell import interactive
+
+    snap = find_kept(args.cache_dir, args.name)
+    run = Run()
+    try:
+        with fork(snap, run=run) as vm:
+            print(f"[vmfork] {vm.name}: a fork of kept VM {args.name}; exit the shell to tear it down",
+                  file=sys.stderr)
+            return interactive(vm, args.argv or None)
+    finally:
+        run.remove()
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from .gc import collect
 
@@ -157,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gc", help="remove what dead runs left behind (VMs, run dirs, leases, bridges, "
                        "partial builds); never touches a live run")
     g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
-    g.add_argument("--kept", action="store_true", help="also remove VM files kept by --vmfork-keep-failed")
+    g.add_argument("--kept", action="store_true",
+                   help="also remove the VMs (snapshots and files) kept by --vmfork-keep-failed")
     g.add_argument("--orphan-links", action="store_true",
                    help="also delete vmfk* bridges that no lease under --lease-dir names and that have "
                         "no ports (only if no run uses another lease dir)")
@@ -165,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lease root (default /run/vmfork, else <tmp>/vmfork-<uid>/leases)")
     g.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     g.set_defaults(func=cmd_gc)
+
+    kp = sub.add_parser("kept", help="list the failed tests' VMs kept by --vmfork-keep-failed")
+    kp.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    kp.set_defaults(func=cmd_kept)
+
+    e = sub.add_parser("exec", help="restore a kept VM, run one command in it, tear it down")
+    e.add_argument("name", help="the kept VM's name (`vmfork kept` lists them)")
+    e.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    e.add_argument("--timeout", type=float, default=60.0)
+    e.add_argument("argv", nargs=argparse.REMAINDER)
+    e.set_defaults(func=cmd_exec)
+
+    sh = sub.add_parser("shell", help="restore a kept VM and open an interactive shell in it")
+    sh.add_argument("name", help="the kept VM's name (`vmfork kept` lists them)")
+    sh.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    sh.add_argument("argv", nargs=argparse.REMAINDER, help="a program to run instead of the login shell")
+    sh.set_defaults(func=cmd_shell)
 
     d = sub.add_parser("doctor",
                        help="check that this host can run forked VMs and say how to fix what is missing")

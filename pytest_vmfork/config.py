@@ -128,7 +128,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("vmfork_rebuild", "boot the template again and retake the snapshot (once per run); "
            "the image is rebuilt only if its inputs changed", _bool("vmfork_rebuild"), lambda: False,
            flag_type="bool"),
-    Option("vmfork_keep_failed", "keep a failed test's VM files (console log, handles) and print where",
+    Option("vmfork_keep_failed", "save a failed test's VM as a kept snapshot (vmfork exec NAME -- argv) and keep its files",
            _bool("vmfork_keep_failed"), lambda: False, flag_type="bool"),
     Option("vmfork_ready_timeout", "seconds a fork may take to signal readiness",
            _seconds("vmfork_ready_timeout", 600), lambda: 30.0),

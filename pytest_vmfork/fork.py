@@ -35,6 +35,7 @@ from . import mailbox as mbx
 from . import process as proc
 from .agent import DEFAULT_OUTPUT_LIMIT, MAX_OUTPUT_LIMIT, MAX_SEND, AgentClient, ExecResult
 from .errors import AckTimeout, ConfigError, GuestError, HandoffError, RestoreError, StateError
+from .layer import check_name, save_running
 from .leases import ForkLease
 from .network import USER_NET, AckListener, RunNetwork, open_tap, tap_netdev, user_netdev
 from .proto import agent_pb2 as pb
@@ -113,7 +114,7 @@ class VM:
 
     def __init__(self, name: str, snapshot: Snapshot, run: Run, workdir: Path) -> None:
         self.name = name
-        self.snapshot = snapshot
+        self.forked_from = snapshot
         self.run = run
         self.dir = workdir
         self.generation = 0
@@ -131,6 +132,9 @@ class VM:
         self._forwards: dict[int, int] = {}
         self._own_run = False
         self._processes: list[proc.Process] = []
+        #: merged into the manifest of every snapshot this VM saves (the plugin marks
+        #: a test's snapshots ``ephemeral``: removed when the run ends)
+        self.snapshot_manifest: dict[str, Any] = {}
 
     # --- public API -----------------------------------------------------------
 
@@ -246,7 +250,7 @@ class VM:
         """The JSON payload the guest received in mailbox ``name`` (None if none)."""
         import json
 
-        require_mailboxes(self.snapshot, [name])
+        require_mailboxes(self.forked_from, [name])
         assert self._agent is not None
         got = self._agent.read_mailbox(name)
         limit = mbx.capacity(mbx.DEFAULT_SIZE)
@@ -267,12 +271,60 @@ class VM:
         """
         if self.state != "running":
             raise StateError("deliver", self.state, "running")
-        payloads, acks = prepare_mailboxes(self.snapshot, mailboxes)
+        payloads, acks = prepare_mailboxes(self.forked_from, mailboxes)
         if acks:
             raise ConfigError("deliver() does not wait for acks; poll the guest instead")
         assert self._qemu is not None
         t0 = time.monotonic()
         self._qemu.cmd("stop")
+        self._rearm(payloads, timeout, "deliver()")
+        self.timings["deliver_ms"] = _ms(t0)
+
+    def snapshot(self, name: str | None = None, *, resume: bool = True) -> Snapshot:
+        """Save this running fork, memory and devices, as a new snapshot in the cache.
+
+        The vCPUs stop for the save (``vm.timings["snapshot_ms"]``; its size on
+        disk is ``snapshot_bytes``). The returned Snapshot forks like the
+        template's (``fork()``, ``vm_factory(snapshot=...)``, the ``vm`` fixture):
+        its forks share its memory copy-on-write and get their own mailbox
+        payloads, network, entropy and clock. ``name`` labels it in the cache
+        (``vmfork kept``, the manifest). With ``resume=False`` this VM stays
+        paused (state "paused"); otherwise it runs on, with fresh entropy and
+        clock like a new fork, so it and its snapshot's forks differ too.
+        """
+        if self.state != "running":
+            raise StateError("snapshot", self.state, "running")
+        check_name(name)
+        if not isinstance(resume, bool):
+            raise ConfigError(f"snapshot(resume={resume!r}): use True or False")
+        return self._save(name=name, resume=resume)
+
+    def _save(self, *, name: str | None, resume: bool, key: str | None = None,
+              extra: dict[str, Any] | None = None) -> Snapshot:
+        assert self._qemu is not None
+        qemu = self._qemu
+        t0 = time.monotonic()
+        qemu.cmd("stop")
+        self.state = "paused"
+        try:
+            snap, timings = save_running(qemu, self.forked_from, run_id=self.run.run_id, key=key, name=name,
+                                         extra={**self.snapshot_manifest, **(extra or {})})
+        except BaseException:
+            if not qemu.alive():
+                self.state = "failed"
+            elif resume:
+                self._rearm({}, DEFAULT_READY_TIMEOUT, "a failed snapshot()")
+            raise
+        self.timings.update(timings)
+        if resume:
+            self._rearm({}, DEFAULT_READY_TIMEOUT, "snapshot()")
+            self.timings["snapshot_pause_ms"] = _ms(t0)  # from stop to the guest's readiness signal
+        return snap
+
+    def _rearm(self, payloads: dict[str, bytes], timeout: float, what: str) -> None:
+        """Resume the stopped VM as a new generation: system mailbox (entropy,
+        clock) plus ``payloads`` written, then ``cont``; returns at readiness."""
+        assert self._qemu is not None
         self.generation = secrets.randbits(52) | 1
         self._patch({mbx.SYSTEM_MAILBOX: self._system_payload(None, {}), **payloads})
         ready = self._qemu.expect_event(
@@ -283,12 +335,12 @@ class VM:
         try:
             fields = self._qemu.wait_event(ready, timeout)
         except (TimeoutError, EOFError) as exc:
-            why = self._qemu.fault or f"no readiness signal within {timeout}s after deliver()"
+            why = self._qemu.fault or f"no readiness signal within {timeout}s after {what}"
             raise RestoreError(f"fork {self.name}: {why}",
                                console_tail=self.console_tail()) from exc
         if fields.get("event") == "error":
-            raise RestoreError(f"fork {self.name}: guest agent failed to take the delivery: {fields}")
-        self.timings["deliver_ms"] = _ms(t0)
+            raise RestoreError(f"fork {self.name}: guest agent failed to resume after {what}: {fields}")
+        self.state = "running"
 
     def host_port(self, guest_port: int) -> int:
         """A 127.0.0.1 port forwarded to ``guest_port`` (user-mode network only;
@@ -377,7 +429,7 @@ class VM:
         A warm pool runs this ahead of time; the fork request then starts at
         :meth:`_resume`."""
         t0 = time.monotonic()
-        snap = self.snapshot
+        snap = self.forked_from
         netdev, fds, self._net = self._plumb(network)
         argv = snap.machine.argv(
             workdir=self.dir,
@@ -497,7 +549,7 @@ class VM:
                 "entropy": secrets.token_hex(32),
                 "time_ns": time.time_ns(),
                 "net": net,
-                "acks": {name: "guest" if name in self.snapshot.guest_acked else "agent" for name in acks},
+                "acks": {name: "guest" if name in self.forked_from.guest_acked else "agent" for name in acks},
             },
             name=mbx.SYSTEM_MAILBOX,
         )
@@ -505,7 +557,7 @@ class VM:
     def _patch(self, payloads: dict[str, bytes]) -> None:
         """Write every payload, after checking every target (all or nothing)."""
         assert self._qemu is not None
-        snap = self.snapshot
+        snap = self.forked_from
         mem = ProcMem(self._qemu.pid, snap.memory_path)
         plan: list[tuple[int, bytes]] = []
         path = "direct"

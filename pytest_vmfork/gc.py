@@ -474,6 +474,7 @@ class _Gc:
             self.report.skip("run-dir", run_dir, f"{why}, but some of its VMs could not be removed")
 
     def kept(self) -> None:
+        self.kept_snapshots()
         kept = self.run_root / KEPT
         if not kept.is_dir():
             return
@@ -494,6 +495,16 @@ class _Gc:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 self.report.remove("kept", path, "kept VM files (--kept)")
+
+    def kept_snapshots(self) -> None:
+        """The snapshots --vmfork-keep-failed saved in the cache (``vmfork kept``)."""
+        if self.cache_dir is None:
+            return
+        from .kept import list_kept
+
+        for k in list_kept(self.cache_dir):
+            self.check_time()
+            self._rmtree("kept", k.dir, f"kept VM {k.name} of {k.test} (--kept)")
 
     # --- leases and links -----------------------------------------------------
 

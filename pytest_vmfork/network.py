@@ -11,7 +11,7 @@ address, so the kernel routes the run's subnet onto it. No NAT, no forwarding,
 no firewall rules; forks have no way off the bridge.
 
 TAPs are **non-persistent**: :func:`open_tap` creates one by opening
-``/dev/net/tun`` (``TUNSETIFF`` with ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``),
+``/dev/net/tun`` (``TUNSETIFF`` with ``IFF_TAP | IFF_NO_PI``),
 and hands the fd to QEMU. The kernel deletes the TAP when its last fd closes,
 so a SIGKILLed QEMU cannot leak one. The matching QEMU options are::
 
@@ -22,12 +22,15 @@ so a SIGKILLed QEMU cannot leak one. The matching QEMU options are::
 bare ``tap`` only as the *first* item and otherwise fails ("Parameter 'type'
 is missing").
 
-Do **not** add ``vnet_hdr=on``: QEMU rejects ``vnet_hdr=`` (and ``ifname=``,
+Do **not** add ``vnet_hdr=``: QEMU rejects ``vnet_hdr=`` (and ``ifname=``,
 ``script=``, ``queues=``) together with ``fd=`` ("... are invalid with fd=",
-checked with QEMU 7.2) and instead probes the fd with ``TUNGETIFF``: because
-the TAP was created with ``IFF_VNET_HDR``, QEMU uses virtio-net headers (and
-thus checksum/segmentation offload) exactly as if ``vnet_hdr=on`` had been
-given. ``IFF_NO_PI`` drops the 4-byte packet-info prefix QEMU does not expect;
+checked with QEMU 7.2) and instead probes the fd with ``TUNGETIFF``. The TAP is
+created *without* ``IFF_VNET_HDR``, so the fork's NIC has no virtio-net header
+backend, like the template's (a hub port): a snapshot of a TAP fork
+(``vm.snapshot()``) then loads with any backend, where one saved with a header
+backend loads only with one ("saved image requires vnet_hdr=on"). Nothing is
+lost: the guest negotiated its NIC features at the template's boot, without
+checksum/segmentation offload. ``IFF_NO_PI`` drops the 4-byte packet-info prefix QEMU does not expect;
 ``IFF_MULTI_QUEUE`` is not set (one queue per fork). ``vhost=on`` may be added
 if ``/dev/vhost-net`` is available.
 
@@ -67,7 +70,7 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
-TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+TAP_FLAGS = IFF_TAP | IFF_NO_PI  # no IFF_VNET_HDR: see the module docstring
 CAP_NET_ADMIN = 12
 USER_NET = "10.0.2.0/24"
 NO_CAP_HINT = "run as root (or grant CAP_NET_ADMIN) or use --vmfork-network=user"

@@ -11,20 +11,24 @@ import shutil
 import signal
 import statistics
 import threading
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from filelock import FileLock
 
 from . import private
 from .config import OPTIONS, Settings
-from .errors import ConfigError
+from .errors import BuildError, ConfigError, VMForkError
 from .gc import gc_at_session_start
+from .kept import identity as kept_identity
 from .fork import VM, MailboxPayload, Network, fork
+from .layer import check_name, discard, layer_key, run_layers
 from .pool import WarmPool
 from .network import RunNetwork, has_net_admin
 from .registry import SnapshotRegistry
 from .run import Run, base_dir, new_run_id
-from .snapshot import Snapshot
+from .snapshot import Snapshot, incompatibility
 from .template import Template
 
 SESSION_KEY = pytest.StashKey["VMForkSession"]()
@@ -126,6 +130,7 @@ class VMForkSession:
         self.pools: dict[str, WarmPool] = {}
         self.messages: list[str] = []
         self.unshown: list[str] = []
+        self.layers: dict[str, Snapshot] = {}
 
     def network(self) -> Network:
         """The forks' network mode, resolved (and a TAP run network brought up) once."""
@@ -188,26 +193,100 @@ class VMForkSession:
         self.restore_ms.append(vm.timings["restore_to_healthy_ms"])
         self.restore_by_key.setdefault(snapshot.key, []).append(vm.timings["restore_to_healthy_ms"])
         self.foreign.setdefault(snapshot.key, snapshot)  # the registry's own are dropped in stats()
+        vm.snapshot_manifest["ephemeral"] = True  # a test's vm.snapshot(): gone when the run ends
         path = vm.timings.get("handoff_path")
         if path:
             self.handoff_paths[path] = self.handoff_paths.get(path, 0) + 1
         self.live.add(vm)
         return vm
 
-    def release(self, vm: VM, failed: bool) -> None:
+    def layer(self, base: Snapshot, setup: Callable[[VM], Any], *, key: str | None, name: str | None,
+              label: str) -> Snapshot:
+        """The snapshot of ``setup`` run in a fork of ``base``: memoized, from the
+        cache, or built now, once across the run's processes (a file lock per
+        layer key). With a content ``key`` it outlives the run; without, the run's
+        controller removes it when the run ends."""
+        lkey = layer_key(base, setup, key=key, run_id=self.run.run_id)
+        if lkey in self.layers:
+            return self.layers[lkey]
+        final = base.dir.parent / lkey
+        with FileLock(str(final) + ".build.lock"):
+            snap = None
+            if final.exists():
+                try:
+                    private.verify_cache_entry(final)
+                    snap = Snapshot.load(final)
+                except (BuildError, private.PrivateDirError) as exc:
+                    self.progress(f"vmfork: discarding damaged layer {label} ({lkey}): {exc}")
+                    shutil.rmtree(final, ignore_errors=True)
+                else:
+                    why = incompatibility(snap.manifest, base.machine.accel)
+                    if why:  # a cache from another host: same key, other CPU
+                        self.progress(f"vmfork: cached layer {label} does not fit this host ({why}); rebuilding")
+                        snap = None
+            if snap is None:
+                snap = self._build_layer(base, setup, lkey, name or label, label, ephemeral=key is None)
+        self.layers[lkey] = snap
+        return snap
+
+    def _build_layer(self, base: Snapshot, setup: Callable[[VM], Any], lkey: str, name: str, label: str,
+                     *, ephemeral: bool) -> Snapshot:
+        self.progress(f"vmfork: building layer {label} ({lkey}) on snapshot {base.key}")
+        machine = fork(base, run=self.run, network=self.network(), ready_timeout=self.settings.ready_timeout,
+                       handoff_timeout=self.settings.handoff_timeout)
+        try:
+            setup(machine)
+            if machine.state != "running":
+                raise ConfigError(f"layer {label}: its setup left the VM {machine.state}; leave it running")
+            snap = machine._save(name=name, resume=False, key=lkey,
+                                 extra={"layer": label, "layer_key": lkey, "ephemeral": ephemeral})
+        finally:
+            machine.close()
+        t = machine.timings
+        self.progress(f"vmfork: layer {label} saved in {t['snapshot_ms'] / 1000:.1f}s "
+                      f"({t['snapshot_bytes'] / 2**20:.0f} MiB on disk, depth {snap.depth})")
+        return snap
+
+    def release(self, vm: VM, failed: bool, node: pytest.Item | None = None) -> None:
         self.live.discard(vm)
         keep = failed and self.settings.keep_failed
-        vm.close(keep_files=keep)
-        if keep:
-            kept = base_dir() / "kept" / f"{self.run.run_id}-{vm.name}"
-            kept.parent.mkdir(mode=private.PRIVATE_MODE, exist_ok=True)
-            shutil.move(str(vm.dir), kept)
-            for sock in kept.glob("*.sock"):
-                sock.unlink()
-            self.progress(
-                f"vmfork: kept the files of failed VM {vm.name}: {kept} "
-                "(console.log = guest console after the restore, qemu.stderr, handles.json)"
-            )
+        if not keep:
+            vm.close()
+            return
+        saved = self._keep_snapshot(vm, node)
+        vm.close(keep_files=True)
+        kept = base_dir() / "kept" / f"{self.run.run_id}-{vm.name}"
+        kept.parent.mkdir(mode=private.PRIVATE_MODE, parents=True, exist_ok=True)
+        shutil.move(str(vm.dir), kept)
+        for sock in kept.glob("*.sock"):
+            sock.unlink()
+        files = f"{kept} (console.log = guest console after the restore, qemu.stderr, handles.json)"
+        if saved is None:
+            self.progress(f"vmfork: kept the files of failed VM {vm.name}: {files}")
+            return
+        stock = Path.home() / ".cache" / "pytest-vmfork"  # the CLI's default when nothing is set
+        cache = "" if self.settings.cache_dir == stock else f" --cache-dir {self.settings.cache_dir}"
+        self.progress(
+            f"vmfork: kept failed VM {vm.name} of {node.nodeid if node else '?'} as {saved.name!r} "
+            f"({saved.dir}); step in with: vmfork exec{cache} {saved.name} -- sh -c '...'  "
+            f"(`vmfork kept` lists kept VMs, `vmfork gc --kept` removes them); its files: {files}"
+        )
+
+    def _keep_snapshot(self, vm: VM, node: pytest.Item | None) -> Snapshot | None:
+        """Save a failed test's running fork as a kept snapshot; None if it cannot be."""
+        if vm.state != "running" or node is None:
+            return None
+        made = node.stash.get(ITEM_VMS, [])
+        index = made.index(vm) if vm in made else 0
+        key, name = kept_identity(node.nodeid, index)
+        try:
+            return vm._save(name=name, resume=False, key=key, extra={
+                "ephemeral": False,
+                "kept": {"test": node.nodeid, "run_id": self.run.run_id, "vm": vm.name},
+            })
+        except VMForkError as exc:
+            self.progress(f"vmfork: could not save failed VM {vm.name} as a snapshot: {exc}")
+            return None
 
     def close(self) -> None:
         for vm in list(self.live):
@@ -218,6 +297,9 @@ class VMForkSession:
         self.pools.clear()
         if self._run_network is not None:
             self._run_network.down()  # the last xdist worker of the run deletes the bridge
+        if not hasattr(self.config, "workerinput"):  # the run ends: its own snapshots go
+            for entry in run_layers(self.settings.cache_dir / "snapshots", self.run.run_id):
+                discard(entry)
         if not hasattr(self.config, "workerinput") or not any(self.run.dir.iterdir()):
             self.run.remove()
 
@@ -232,15 +314,22 @@ class VMForkSession:
             "snapshots": [
                 self._snapshot_stats(e.snapshot, e.description) for e in entries
             ] + [
-                self._snapshot_stats(s, f"{s.machine.memory_mib} MiB, {s.machine.vcpus} vCPU, "
-                                        f"{len(s.mailboxes)} mailboxes (a Snapshot given to vm_factory)")
-                for key, s in self.foreign.items() if key not in known
+                self._snapshot_stats(s, _describe_foreign(s)) for key, s in self.foreign.items() if key not in known
             ],
         }
 
     def _snapshot_stats(self, snap: Snapshot, template: str) -> dict[str, Any]:
         return {"key": snap.key, "template": template, "cache_hit": snap.cache_hit, "build_s": snap.build_s,
-                "boot_s": snap.boot_s, "restore_ms": self.restore_by_key.get(snap.key, [])}
+                "boot_s": snap.boot_s, "restore_ms": self.restore_by_key.get(snap.key, []), "depth": snap.depth}
+
+
+def _describe_foreign(s: Snapshot) -> str:
+    """A snapshot no template of this run names: a layer (vm.snapshot()) or one given to vm_factory."""
+    if s.depth:
+        label = s.manifest.get("layer") or s.name or "vm.snapshot()"
+        return f"layer {label!r}, depth {s.depth}, saved from snapshot {s.parent}"
+    return (f"{s.machine.memory_mib} MiB, {s.machine.vcpus} vCPU, "
+            f"{len(s.mailboxes)} mailboxes (a Snapshot given to vm_factory)")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -296,7 +385,48 @@ def vm(request: pytest.FixtureRequest, vmfork_snapshot: Snapshot) -> Iterator[VM
     machine = session.fork(vmfork_snapshot, payloads)
     request.node.stash.setdefault(ITEM_VMS, []).append(machine)
     yield machine
-    session.release(machine, _failed(request.node))
+    session.release(machine, _failed(request.node), request.node)
+
+
+def vmfork_layer(
+    setup: Callable[[VM], Any],
+    *,
+    template: Template | None = None,
+    key: str | None = None,
+    name: str | None = None,
+) -> Any:
+    """A session-scoped fixture whose value is a layer: the Snapshot of a fork
+    of the template after ``setup(vm)`` ran in it. Assign it in a conftest.py;
+    the variable's name is the fixture's name::
+
+        def seed(vm): vm.exec("...")
+        seeded = vmfork_layer(seed, key=hash_of_my_fixture_files)
+
+    ``template`` defaults to the session's ``vmfork_template``. The layer is
+    built once per run, across xdist workers (a file lock per layer), and with
+    a content ``key`` (a string that changes when what ``setup`` installs
+    changes) it is kept in the cache and reused by later runs; without one it
+    is removed when the run ends. ``name`` labels it (default: ``setup``'s name).
+    Tests fork it with ``vm_factory(snapshot=seeded)``, or by returning it from
+    an override of ``vmfork_snapshot`` so that ``vm`` starts from it.
+    """
+    if not callable(setup):
+        raise ConfigError(f"vmfork_layer: setup must be a function taking the VM, got {setup!r}")
+    if template is not None and not isinstance(template, Template):
+        raise ConfigError(f"vmfork_layer: template= must be a pytest_vmfork.Template, got {type(template).__name__}")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ConfigError(f"vmfork_layer: key= must be a non-empty string (e.g. a hash of fixture files), got {key!r}")
+    check_name(name)
+    label = name or getattr(setup, "__name__", "layer")
+
+    @pytest.fixture(scope="session")
+    def layer(request: pytest.FixtureRequest) -> Snapshot:
+        session = _session(request)
+        base = session.snapshot(template if template is not None else request.getfixturevalue("vmfork_template"))
+        return session.layer(base, setup, key=key, name=name, label=label)
+
+    layer.__doc__ = f"The layer {label!r}: a snapshot of a fork after {label}(vm) ran in it."
+    return layer
 
 
 class VMFactory:
@@ -337,7 +467,7 @@ def vm_factory(request: pytest.FixtureRequest) -> Iterator[VMFactory]:
     yield factory
     failed = _failed(request.node)
     for machine in factory.vms:
-        _session(request).release(machine, failed)
+        _session(request).release(machine, failed, request.node)
 
 
 def _marker_payloads(node: pytest.Item) -> dict[str, Any] | None:
@@ -422,7 +552,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         write(message)
     snapshots = merge_snapshot_stats(stats["snapshots"])
     for snap in snapshots:
-        if snap["cache_hit"]:
+        if snap.get("depth"):
+            write(f"snapshot {snap['key']}: " + ("cache hit" if snap["cache_hit"] else "saved in this run"))
+        elif snap["cache_hit"]:
             write(f"snapshot {snap['key']}: cache hit (no template boot)")
         else:
             again = f"; booted by {snap['builds']} processes" if snap["builds"] > 1 else ""

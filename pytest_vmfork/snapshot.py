@@ -67,6 +67,20 @@ class Snapshot:
     def state_path(self) -> Path:
         return self.dir / "state.bin"
 
+    @property
+    def parent(self) -> str | None:
+        """The key of the snapshot this one was saved from (``vm.snapshot()``); None for a template's."""
+        return self.manifest.get("parent")
+
+    @property
+    def depth(self) -> int:
+        """0 for a template's snapshot, 1 for a snapshot of its fork, and so on."""
+        return int(self.manifest.get("depth", 0))
+
+    @property
+    def name(self) -> str | None:
+        return self.manifest.get("name")
+
     @classmethod
     def load(cls, directory: Path, *, cache_hit: bool = True) -> "Snapshot":
         """Load and verify a saved snapshot; raise BuildError if it is damaged."""

@@ -470,6 +470,10 @@ class QemuProcess:
         self.qmp.send_fd_scm(fd)
         await self.qmp.execute("getfd", {"fdname": name})
 
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a copy of ``fd`` (SCM_RIGHTS over QMP) under ``name``, for ``fd:<name>`` URIs."""
+        _loop.run(self._pass_fd(fd, name), timeout=10)
+
     def wait_migration(self, timeout: float) -> None:
         """Wait until an incoming or outgoing migration completes (MIGRATION events)."""
 

@@ -94,6 +94,11 @@ class AgentStub:
                 request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessRequest.SerializeToString,
                 response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessResponse.FromString,
                 _registered_method=True)
+        self.Shell = channel.stream_stream(
+                '/vmfork.agent.v1.Agent/Shell',
+                request_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.ShellInput.SerializeToString,
+                response_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.ShellOutput.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -187,6 +192,16 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Shell(self, request_iterator, context):
+        """An interactive program on a pseudo-terminal (`vmfork shell`): the first
+        message starts it (argv, window size, TERM), the following ones carry
+        keystrokes and window size changes; the replies carry the terminal's
+        output and, last, the exit status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +264,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.SignalProcess,
                     request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessRequest.FromString,
                     response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessResponse.SerializeToString,
+            ),
+            'Shell': grpc.stream_stream_rpc_method_handler(
+                    servicer.Shell,
+                    request_deserializer=pytest__vmfork_dot_proto_dot_agent__pb2.ShellInput.FromString,
+                    response_serializer=pytest__vmfork_dot_proto_dot_agent__pb2.ShellOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +595,33 @@ class Agent:
             '/vmfork.agent.v1.Agent/SignalProcess',
             pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessRequest.SerializeToString,
             pytest__vmfork_dot_proto_dot_agent__pb2.SignalProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shell(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vmfork.agent.v1.Agent/Shell',
+            pytest__vmfork_dot_proto_dot_agent__pb2.ShellInput.SerializeToString,
+            pytest__vmfork_dot_proto_dot_agent__pb2.ShellOutput.FromString,
             options,
             channel_credentials,
             insecure,

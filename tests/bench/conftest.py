@@ -10,6 +10,7 @@ Knobs (environment, all optional):
 - ``VMFORK_BENCH_ROUNDS``: measured forks per restore benchmark (default 20, plus 1 warm-up)
 - ``VMFORK_BENCH_COLD_ROUNDS``: template cold boots (default 3)
 - ``VMFORK_BENCH_FORKS_PER_WORKER``: forks per process in the forks/s benchmark (default 8, 2 processes)
+- ``VMFORK_BENCH_SNAPSHOT_ROUNDS``: ``vm.snapshot()`` calls timed (default 5)
 - ``VMFORK_BENCH_MEMORY_COUNTS``: concurrent-fork levels of the memory benchmark (default ``1,10,20``)
 """
 

@@ -69,7 +69,9 @@ def by_kind(benches: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 def series_name(bench: dict[str, Any]) -> str:
     info = bench["extra_info"]
     net = "TAP network" if info.get("network") == "tap" else "no network"
-    return f"{net} + mailbox" if info.get("mailbox_payload") else net
+    name = f"{net} + mailbox" if info.get("mailbox_payload") else net
+    source = info.get("snapshot", "template")
+    return name if source == "template" else f"{source}, {name}"
 
 
 def report(doc: dict[str, Any]) -> str:
@@ -172,13 +174,23 @@ def report(doc: dict[str, Any]) -> str:
                  b["extra_info"]["mib_per_s_median"], b["extra_info"]["mib_per_s_min"],
                  b["extra_info"]["mib_per_s_max"]] for b in transfers]
         out.append(table(["direction", "file MiB", "rounds", "MiB/s median", "min", "max"], rows))
+    for b in by_kind(benches, "layer_snapshot"):
+        info = b["extra_info"]
+        sn, pause = info["snapshot"], info["pause"]
+        out += [
+            "",
+            f"vm.snapshot() of a {info['memory_mib']} MiB fork that wrote {info['dirty_mib']} MiB, "
+            f"{info['rounds']} rounds: p50 {sn['p50']:.0f} ms, p95 {sn['p95']:.0f} ms, max {sn['max']:.0f} ms "
+            f"(vCPUs stopped p50 {pause['p50']:.0f} ms); {info['snapshot_mib_median']:.0f} MiB on disk "
+            f"(migration stream {info['stream_mib_median']:.0f} MiB)",
+        ]
 
     for b in by_kind(benches, "memory"):
         info = b["extra_info"]
         out += [
             "",
             f"memory per fork (QEMU PSS from /proc/<pid>/smaps_rollup; {info['template_memory_mib']} MiB "
-            "template, each fork ready and past one exec; MiB)",
+            f"{info.get('snapshot', 'template')}, each fork ready and past one exec; MiB)",
         ]
         rows = []
         for lv in sorted(info["levels"].values(), key=lambda lv: lv["forks"]):

@@ -22,11 +22,12 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pytest
 
 from pytest_vmfork import Run, Snapshot, SnapshotStore, Template, fork
+from pytest_vmfork.layer import discard
 from pytest_vmfork.network import RunNetwork
 
 from .conftest import env_int
@@ -36,6 +37,7 @@ WARMUP_ROUNDS = 1
 COLD_ROUNDS = env_int("VMFORK_BENCH_COLD_ROUNDS", 3)
 FORK_WORKERS = 2
 FORKS_PER_WORKER = env_int("VMFORK_BENCH_FORKS_PER_WORKER", 8)
+SNAPSHOT_ROUNDS = env_int("VMFORK_BENCH_SNAPSHOT_ROUNDS", 5)
 MEMORY_COUNTS = sorted({int(n) for n in os.environ.get("VMFORK_BENCH_MEMORY_COUNTS", "1,10,20").split(",")})
 MAILBOX = "app-config"
 QEMU = "qemu-system-x86_64"
@@ -137,6 +139,7 @@ def mib(kib: float) -> float:
 def bench_restore(
     benchmark: Any, snap: Snapshot, run: Run, *, network: Any, with_payload: bool
 ) -> dict[str, Any]:
+    """One fresh fork of ``snap`` (a template's or a layer) per round."""
     """One fresh fork per round; the fork is verified and closed in the untimed teardown."""
     timings: list[dict[str, Any]] = []
     counter = iter(range(1_000_000))
@@ -166,6 +169,7 @@ def bench_restore(
     stages, labels = stage_breakdown(measured)
     info = {
         "kind": "restore",
+        "snapshot": f"layer (depth {snap.depth})" if snap.depth else "template",
         "network": "tap" if isinstance(network, RunNetwork) else str(network),
         "mailbox_payload": with_payload,
         "rounds": len(measured),
@@ -407,8 +411,13 @@ def test_forks_per_second_two_processes(
 # --- 5: memory per fork -------------------------------------------------------------
 
 
-def test_memory_per_fork(benchmark: Any, vmfork_snapshot: Snapshot, bench_run: Run, bench_say: Any) -> None:
-    """PSS of the QEMU processes with 1, 10 and 20 forks alive, each ready and past one exec.
+@pytest.mark.parametrize("source", ["template", "layer"])
+def test_memory_per_fork(
+    benchmark: Any, source: str, vmfork_snapshot: Snapshot, request: pytest.FixtureRequest, bench_run: Run,
+    bench_say: Any,
+) -> None:
+    """PSS of the QEMU processes with 1, 10 and 20 forks alive, each ready and past one exec,
+    of the template's snapshot or of a layer (its forks must stay copy-on-write too).
 
     Each round forks one more VM and runs one exec in it (that is what is timed);
     the untimed teardown measures every live QEMU when a level is reached.
@@ -416,6 +425,7 @@ def test_memory_per_fork(benchmark: Any, vmfork_snapshot: Snapshot, bench_run: R
     mapping it, other engineers' forks of the same snapshot included, so the
     private (USS) figure is recorded too.
     """
+    snap = vmfork_snapshot if source == "template" else request.getfixturevalue("bench_layer")
     vms: list[Any] = []
     levels: dict[str, Any] = {}
     top = max(MEMORY_COUNTS)
@@ -424,7 +434,7 @@ def test_memory_per_fork(benchmark: Any, vmfork_snapshot: Snapshot, bench_run: R
         return ([],), {}
 
     def target(box: list[Any]) -> None:
-        vm = fork(vmfork_snapshot, run=bench_run, network="none")
+        vm = fork(snap, run=bench_run, network="none")
         box.append(vm)
         vm.exec(["cat", "/root/warmup-done"]).check()
 
@@ -448,7 +458,7 @@ def test_memory_per_fork(benchmark: Any, vmfork_snapshot: Snapshot, bench_run: R
             "pss_anon_per_fork_mib": mib(total["Pss_Anon"] / n),
             "private_per_fork_mib": mib(uss / n),
             "other_mappers_of_snapshot": len(
-                set(mappers_of(vmfork_snapshot.memory_path)) - {vm.pid for vm in vms}
+                set(mappers_of(snap.memory_path)) - {vm.pid for vm in vms}
             ),
         }
 
@@ -460,6 +470,7 @@ def test_memory_per_fork(benchmark: Any, vmfork_snapshot: Snapshot, bench_run: R
             vm.close()
     info = {
         "kind": "memory",
+        "snapshot": source,
         "network": "none",
         "template_memory_mib": vmfork_snapshot.machine.memory_mib,
         "levels": levels,
@@ -470,8 +481,101 @@ def test_memory_per_fork(benchmark: Any, vmfork_snapshot: Snapshot, bench_run: R
     for n in MEMORY_COUNTS:
         lv = levels[str(n)]
         bench_say(
-            f"memory, {n} concurrent forks of a {info['template_memory_mib']} MiB template: "
+            f"memory, {n} concurrent forks of a {info['template_memory_mib']} MiB {source}: "
             f"PSS total {lv['pss_total_mib']:.1f} MiB, {lv['pss_per_fork_mib']:.1f} MiB/fork "
             f"(private {lv['private_per_fork_mib']:.1f} MiB/fork, RSS {lv['rss_per_fork_mib']:.1f} MiB/fork; "
             f"{lv['other_mappers_of_snapshot']} other QEMUs mapped the snapshot)"
         )
+
+
+# --- 6: layers: vm.snapshot() of a running fork, forks of the layer -----------------
+
+LAYER_DIRTY_MIB = 32  # what a layer's setup writes to guest RAM (tmpfs): the layer's own pages
+
+
+def make_layer_vm(snap: Snapshot, run: Run) -> Any:
+    """A fork that did some setup: a file, a background process, dirty RAM."""
+    vm = fork(snap, run=run, network="none")
+    vm.exec(f"head -c {LAYER_DIRTY_MIB << 20} /dev/urandom > /dev/shm/layer && echo seeded > /root/seed && "
+            "setsid sleep 86400 </dev/null >/dev/null 2>&1 &").check()
+    return vm
+
+
+@pytest.fixture(scope="module")
+def bench_layer(vmfork_snapshots: Any, vmfork_template: Template, bench_run: Run) -> Iterator[Snapshot]:
+    """A layer of the template (depth 1), removed after the benchmarks."""
+    vm = make_layer_vm(vmfork_snapshots(vmfork_template), bench_run)
+    try:
+        snap = vm.snapshot("bench layer", resume=False)
+    finally:
+        vm.close()
+    yield snap
+    discard(snap)
+
+
+def test_vm_snapshot_time_and_size(
+    benchmark: Any, vmfork_snapshot: Snapshot, bench_run: Run, bench_say: Any
+) -> None:
+    """vm.snapshot() of a fork that did some setup: the call is what is timed
+    (stop, migrate + split, verify, resume to the guest's readiness signal)."""
+    timings: list[dict[str, Any]] = []
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return ([make_layer_vm(vmfork_snapshot, bench_run)], []), {}
+
+    def target(vms: list[Any], out: list[Snapshot]) -> None:
+        out.append(vms[0].snapshot("bench"))
+
+    def teardown(vms: list[Any], out: list[Snapshot]) -> None:
+        vm = vms[0]
+        try:
+            timings.append({k: v for k, v in vm.timings.items() if k.startswith("snapshot")})
+            assert vm.exec(["cat", "/root/seed"]).stdout == b"seeded\n", "the VM did not run on"
+        finally:
+            vm.close()
+            for snap in out:
+                discard(snap)
+
+    before = host_state()
+    benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=SNAPSHOT_ROUNDS)
+    series = {k: [t[k] for t in timings] for k in ("snapshot_ms", "snapshot_pause_ms")}
+    sizes = [t["snapshot_bytes"] for t in timings]
+    info = {
+        "kind": "layer_snapshot",
+        "rounds": len(timings),
+        "memory_mib": vmfork_snapshot.machine.memory_mib,
+        "dirty_mib": LAYER_DIRTY_MIB,
+        "snapshot_ms": series["snapshot_ms"],
+        "snapshot": summary_ms(series["snapshot_ms"]),
+        "pause": summary_ms(series["snapshot_pause_ms"]),
+        "snapshot_bytes": sizes,
+        "snapshot_mib_median": mib(statistics.median(sizes) / 1024),
+        "stream_mib_median": mib(statistics.median(t["snapshot_stream_bytes"] for t in timings) / 1024),
+        "host_before": before,
+        "host_after": host_state(),
+    }
+    benchmark.extra_info.update(info)
+    s, p = info["snapshot"], info["pause"]
+    bench_say(
+        f"vm.snapshot() of a {info['memory_mib']} MiB fork ({LAYER_DIRTY_MIB} MiB written by its setup): "
+        f"p50 {s['p50']:.0f} ms  max {s['max']:.0f} ms (paused p50 {p['p50']:.0f} ms); "
+        f"{info['snapshot_mib_median']:.0f} MiB on disk (stream {info['stream_mib_median']:.0f} MiB)"
+    )
+
+
+def test_restore_to_healthy_layer_tap_and_mailbox(
+    benchmark: Any,
+    bench_layer: Snapshot,
+    bench_run: Run,
+    bench_network: RunNetwork,
+    bench_results: dict[str, Any],
+    bench_say: Any,
+) -> None:
+    """A fork of a layer, like the template's first benchmark: TAP handoff plus one mailbox."""
+    info = bench_restore(benchmark, bench_layer, bench_run, network=bench_network, with_payload=True)
+    bench_results["restore_layer_tap"] = info["restore_to_healthy"]
+    s = info["restore_to_healthy"]
+    bench_say(
+        f"restore of a layer (depth 1, tap + mailbox): p50 {s['p50']:.0f} ms  p95 {s['p95']:.0f} ms"
+        f"  max {s['max']:.0f} ms"
+    )

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_vmfork.kept import list_kept
+from pytest_vmfork.layer import discard
+
 from .suites import CONFTEST
 
 
@@ -86,13 +89,17 @@ def test_vm_factory_forks_several_vms_and_tears_all_down(suite):
     suite.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(passed=2)
 
 
-def test_keep_failed_keeps_the_console_log_and_says_where(suite):
+def test_keep_failed_keeps_the_console_log_and_says_where(suite, vmfork_snapshot):
     suite.makepyfile("def test_fails(vm):\n    assert False\n")
     result = suite.runpytest_subprocess("-p", "no:cacheprovider", "--vmfork-keep-failed")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*kept the files of failed VM*"])
+    result.stdout.fnmatch_lines(["*kept failed VM * as *step in with: vmfork exec*"])
     assert list(suite.tmp.rglob("console.log"))
     assert qemu_processes_under(suite.tmp) == []
+    mine = [k for k in list_kept(vmfork_snapshot.dir.parent.parent) if k.test.endswith("::test_fails")
+            and k.test.startswith("test_keep_failed_keeps_the_console_log")]
+    assert len(mine) == 1  # saved as a snapshot in the run's cache, too (tests/plugin/test_layers.py uses it)
+    discard(mine[0].dir)
 
 
 def test_fixtures_are_documented(pytester: pytest.Pytester):

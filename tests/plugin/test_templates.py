@@ -71,7 +71,7 @@ SUITE = {
 
         def test_the_directory_template(vm, vmfork_snapshot, vmfork_snapshots, seen):
             assert seen(vm) == PLAIN
-            assert vm.snapshot is vmfork_snapshot is vmfork_snapshots(PLAIN_TEMPLATE)
+            assert vm.forked_from is vmfork_snapshot is vmfork_snapshots(PLAIN_TEMPLATE)
             assert len(vmfork_snapshot.mailboxes) == 64
 
         @pytest.mark.parametrize("i", range(2))
@@ -80,7 +80,7 @@ SUITE = {
             for _ in range(2):
                 assert seen(vm_factory()) == PLAIN
                 other = vm_factory(template=JSON_TEMPLATE)
-                assert seen(other) == JSON and other.snapshot is vmfork_snapshots(JSON_TEMPLATE)
+                assert seen(other) == JSON and other.forked_from is vmfork_snapshots(JSON_TEMPLATE)
             assert seen(vm_factory(snapshot=vmfork_snapshots(JSON_TEMPLATE))) == JSON
 
         def test_template_and_snapshot_together_are_refused(vm_factory, vmfork_snapshot):
