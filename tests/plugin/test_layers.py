@@ -109,12 +109,16 @@ def test_passes(vm):
 
 
 def _private_cache(shared: Path, template_snapshot: Path, root: Path) -> Path:
-    """A cache of its own that sees the shared images and template snapshot (links), so
-    kept VMs saved and collected here never touch anyone else's."""
+    """A cache of its own that sees the shared images and template snapshot (hard links:
+    a symlinked cache entry is refused as untrusted), so kept VMs saved and collected
+    here never touch anyone else's."""
     cache = root / "cache"
     (cache / "snapshots").mkdir(parents=True)
     (cache / "images").symlink_to(shared / "images", target_is_directory=True)
-    (cache / "snapshots" / template_snapshot.name).symlink_to(template_snapshot, target_is_directory=True)
+    entry = cache / "snapshots" / template_snapshot.name
+    entry.mkdir()
+    for f in template_snapshot.iterdir():
+        os.link(f, entry / f.name)
     if (shared / "probes").is_dir():
         shutil.copytree(shared / "probes", cache / "probes")
     return cache
@@ -160,7 +164,7 @@ def test_a_failed_test_s_vm_is_kept_as_a_snapshot_that_vmfork_exec_and_shell_res
     gc = _vmfork(short_tmp, cache, "gc", "--kept")
     assert gc.returncode == 0, gc
     assert "no kept VMs" in _vmfork(short_tmp, cache, "kept").stdout
-    assert not [p for p in (cache / "snapshots").iterdir() if p.is_dir() and not p.is_symlink()]
+    assert [p.name for p in (cache / "snapshots").iterdir() if p.is_dir()] == [vmfork_snapshot.key]
     kept_files = short_tmp / f"vmfork-{os.getuid()}" / "kept"
     assert not kept_files.exists() or not list(kept_files.iterdir())
     assert vmfork_snapshot.memory_path.exists()  # the shared template snapshot is untouched
