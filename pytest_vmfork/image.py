@@ -286,7 +286,7 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
     if problems := rootfs.extract_problems(is_root):
         raise ImageBuildError("cannot write the guest root filesystem: " + "; ".join(problems))
     apt = aptsources.resolve(options.apt_sources)
-    guest = guestfiles.guest_files()
+    guestfiles.guest_files()  # an install without the guest files fails here, before the long steps
     work = out / "work"
     work.mkdir(parents=True)
 

@@ -35,9 +35,9 @@ from typing import Any
 
 from filelock import FileLock
 
-from . import migstream, private
+from . import migstream
 from .errors import ConfigError, RestoreError
-from .snapshot import MANIFEST, Snapshot, _sha256, verify_files
+from .snapshot import MANIFEST, Snapshot, _sha256, publish, verify_files
 from .vmm import QemuProcess
 
 #: Bumped when what a layer's files hold changes (2: saved from NICs without a
@@ -97,13 +97,7 @@ def save_running(
             problems = verify_files(final, manifest, memory_dir=staging)
             if problems:
                 raise RestoreError(f"snapshot of {qemu.name} failed verification: {'; '.join(problems)}")
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            private.seal(staging)
-            if final.exists():
-                trash = snapshots / f".trash-{key}-{os.getpid()}"
-                os.rename(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.rename(staging, final)
+            publish(staging, final, manifest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -158,6 +158,19 @@ def verify_files(directory: Path, manifest: dict[str, Any], *, memory_dir: Path 
     return problems
 
 
+def publish(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest, seal the staged entry and rename it into place (an old
+    entry under the key is moved aside first; forks running from it keep their files).
+    The caller holds the key's lock."""
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    private.seal(staging)
+    if final.exists():
+        trash = final.parent / f".trash-{final.name}-{os.getpid()}"
+        os.rename(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(staging, final)
+
+
 def entry_path(directory: Path, rel: str) -> Path:
     """A manifest path, relative to its cache entry, as a path on this host."""
     return Path(os.path.normpath(directory / rel))
@@ -247,13 +260,7 @@ class SnapshotStore:
         staging.mkdir(parents=True)
         try:
             manifest = self._boot_and_save(template, img, key, staging, final, run, t0)
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            private.seal(staging)
-            if final.exists():
-                trash = final.parent / f".trash-{key}-{os.getpid()}"
-                os.rename(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.rename(staging, final)
+            publish(staging, final, manifest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
