@@ -248,10 +248,10 @@ def _run(cmd: Sequence[object], what: str, fix: str, **kw: Any) -> str:
         raise ImageBuildError(f"{what} failed (exit {e.returncode}): {tail}; {fix}") from e
 
 
-def guest_overlay(spec: ImageSpec, site: Path) -> dict[str, tuple[bytes | str, int]]:
+def guest_overlay(site: Path) -> dict[str, tuple[bytes | str, int]]:
     """The files pytest-vmfork adds to the Debian root: path -> (content or symlink target, mode).
 
-    ``spec.files`` are not among them: they go on top of the cached root per image."""
+    A template's own files are not among them: they go on top of the cached root per image."""
     guest = guestfiles.guest_files()
     shared = guestfiles.shared_modules()
     files: dict[str, tuple[bytes | str, int]] = {
@@ -429,7 +429,7 @@ def debian_root(base: ImageSpec, cache_dir: Path, *, mode: rootfs.BuildMode, apt
             site = work / "site"
             _install_wheels(wheels, Path(cache_dir) / "wheels", site)
             overlay = work / "overlay.tar"
-            rootfs.write_overlay(guest_overlay(base, site), overlay)
+            rootfs.write_overlay(guest_overlay(site), overlay)
             hook = work / "fetch-kernel.sh"
             hook.write_bytes(guest["fetch-kernel.sh"])
             tar_path, kout = rootfs.build_tarball(packages=base.packages, mode=mode, apt=apt, overlay=overlay,
