@@ -66,6 +66,15 @@ MAX_CTL_FRAME = 1 << 20  # one control-channel frame from the guest (the agent's
 #: the serial output is dropped (console_tail says so), or, if the write came from
 #: a QEMU thread that does not block SIGXFSZ, QEMU dies and the fork fails naming it.
 FORK_FILE_LIMIT = 8 * 1024 * 1024
+#: TCG's translation buffer per QEMU, MiB (``-accel tcg,tb-size=``). QEMU 7.2
+#: reserves 1 GiB (and charges it to the host's commit limit) and lets a fork's
+#: translated code grow into all of it; 128 MiB holds 4x what a fork translates
+#: up to its first exec (~30 MiB) and a dozen different commands after it (~94
+#: MiB) without a flush, and caps a long-running fork there: a full buffer is
+#: flushed and the guest's hot code translated again (16 MiB flushed 3 times in
+#: the first exec and doubled it). Host memory only, not in the device state, so
+#: a snapshot restores under any size. 0 keeps QEMU's default. README "Measured".
+TCG_TB_SIZE_MIB = 128
 
 
 class EventChannelError(EOFError):
@@ -96,7 +105,7 @@ class MachineSpec:
         name: str,
     ) -> list[str]:
         """The QEMU command line; identical device layout for template and forks."""
-        accel = "tcg,thread=multi" if self.accel == "tcg" and self.vcpus > 1 else self.accel
+        accel = accel_option(self.accel, self.vcpus)
         argv = [
             QEMU_BINARY,
             "-name", f"vmfork-{name},debug-threads=on",
@@ -132,6 +141,21 @@ class MachineSpec:
         if incoming:
             argv += ["-incoming", "defer", "-S"]
         return argv
+
+
+def accel_option(accel: str, vcpus: int, tb_size_mib: int | None = None) -> str:
+    """The ``-accel`` value: under TCG, multi-threaded with more than one vCPU and a
+    translation buffer of ``tb_size_mib`` (default :data:`TCG_TB_SIZE_MIB`);
+    KVM has no translation buffer and gets its name alone."""
+    if accel != "tcg":
+        return accel
+    opts = ["tcg"]
+    if vcpus > 1:
+        opts.append("thread=multi")
+    size = TCG_TB_SIZE_MIB if tb_size_mib is None else tb_size_mib
+    if size:
+        opts.append(f"tb-size={size}")
+    return ",".join(opts)
 
 
 @functools.lru_cache(maxsize=None)

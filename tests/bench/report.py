@@ -221,6 +221,21 @@ def report(doc: dict[str, Any]) -> str:
                 rows,
             )
         )
+        broken = [lv for lv in info["levels"].values() if "classes_per_fork_mib" in lv]
+        if broken:
+            classes = list(broken[0]["classes_per_fork_mib"])
+            out += ["", f"PSS per fork by mapping (tests/bench/forkmem.py; MiB; -accel {info.get('accel', '?')})"]
+            out.append(
+                table(
+                    ["forks", *classes, "TCG code in use", "full-buffer flushes"],
+                    [
+                        [lv["forks"], *(lv["classes_per_fork_mib"][c]["pss"] for c in classes),
+                         float("nan") if lv.get("tcg_code_mib_median") is None else lv["tcg_code_mib_median"],
+                         "-" if lv.get("tcg_full_buffer_flushes_max") is None else lv["tcg_full_buffer_flushes_max"]]
+                        for lv in sorted(broken, key=lambda lv: lv["forks"])
+                    ],
+                )
+            )
 
     loads = [b["extra_info"].get("host_before", {}).get("loadavg", [None])[0] for b in benches]
     loads = [x for x in loads if x is not None]

@@ -26,10 +26,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import pytest
 
-from pytest_vmfork import Run, Snapshot, SnapshotStore, Template, fork
+from pytest_vmfork import Run, Snapshot, SnapshotStore, Template, fork, vmm
 from pytest_vmfork.layer import discard
 from pytest_vmfork.network import RunNetwork
 
+from . import forkmem
 from .conftest import env_int
 
 ROUNDS = env_int("VMFORK_BENCH_ROUNDS", 20)
@@ -423,7 +424,9 @@ def test_memory_per_fork(
     the untimed teardown measures every live QEMU when a level is reached.
     PSS splits the snapshot file's shared page-cache pages between all processes
     mapping it, other engineers' forks of the same snapshot included, so the
-    private (USS) figure is recorded too.
+    private (USS) figure is recorded too, and so is the PSS of each class of
+    mapping (tests/bench/forkmem.py: guest RAM copied or shared, TCG code, malloc,
+    stacks, libraries, other) with the TCG translator's figures (HMP ``info jit``).
     """
     snap = vmfork_snapshot if source == "template" else request.getfixturevalue("bench_layer")
     vms: list[Any] = []
@@ -449,6 +452,8 @@ def test_memory_per_fork(
         }
         uss = total["Private_Clean"] + total["Private_Dirty"]
         n = len(vms)
+        classes = forkmem.per_fork_mib([forkmem.breakdown(vm.pid, snap.memory_path) for vm in vms])
+        jit = [forkmem.tcg_stats(vm) for vm in vms] if snap.machine.accel == "tcg" else []
         levels[str(n)] = {
             "forks": n,
             "pss_total_mib": mib(total["Pss"]),
@@ -460,6 +465,11 @@ def test_memory_per_fork(
             "other_mappers_of_snapshot": len(
                 set(mappers_of(snap.memory_path)) - {vm.pid for vm in vms}
             ),
+            "classes_per_fork_mib": classes,  # {class: {pss, rss, private}}
+            "tcg_code_mib_median": mib(statistics.median(j["code_bytes"] for j in jit) / 1024) if jit else None,
+            # A fork's QEMU flushes once as the device state loads (the RAM changed under the
+            # translator); each further flush is a full translation buffer.
+            "tcg_full_buffer_flushes_max": max(j["flushes"] for j in jit) - 1 if jit else None,
         }
 
     before = host_state()
@@ -473,6 +483,7 @@ def test_memory_per_fork(
         "snapshot": source,
         "network": "none",
         "template_memory_mib": vmfork_snapshot.machine.memory_mib,
+        "accel": vmm.accel_option(snap.machine.accel, snap.machine.vcpus),
         "levels": levels,
         "host_before": before,
         "host_after": host_state(),
@@ -486,6 +497,12 @@ def test_memory_per_fork(
             f"(private {lv['private_per_fork_mib']:.1f} MiB/fork, RSS {lv['rss_per_fork_mib']:.1f} MiB/fork; "
             f"{lv['other_mappers_of_snapshot']} other QEMUs mapped the snapshot)"
         )
+    lv = levels[str(top)]
+    parts = ", ".join(f"{cls} {c['pss']:.1f}" for cls, c in lv["classes_per_fork_mib"].items())
+    tcg = (f"; TCG code in use {lv['tcg_code_mib_median']:.1f} MiB median, "
+           f"{lv['tcg_full_buffer_flushes_max']} flushes of a full buffer at most"
+           if lv["tcg_code_mib_median"] is not None else "")
+    bench_say(f"  PSS per fork at {top} forks by mapping (MiB; -accel {info['accel']}): {parts}{tcg}")
 
 
 # --- 6: layers: vm.snapshot() of a running fork, forks of the layer -----------------
