@@ -122,6 +122,11 @@ class VMForkSession:
         self.foreign: dict[str, Snapshot] = {}  # every snapshot forked from, by key (vm_factory(snapshot=) too)
         self.restore_ms: list[float] = []
         self.restore_by_key: dict[str, list[float]] = {}
+        #: per fork whose test ran a command: fork + first exec, what the test waited for its first result
+        self.first_result_ms: list[float] = []
+        self.first_result_by_key: dict[str, list[float]] = {}
+        self.first_exec_ms: list[float] = []
+        self.prewarmed = 0  # forks that came pre-warmed from the pool
         self.forks = 0
         self.live: set[VM] = set()
         self.handoff_paths: dict[str, int] = {}
@@ -188,10 +193,13 @@ class VMForkSession:
             pool=pool,
         )
         if pool is None and self.settings.pool_size:  # after the first fork proved the snapshot works
-            self.pools[snapshot.key] = WarmPool(snapshot, self.run, network, self.settings.pool_size)
+            self.pools[snapshot.key] = WarmPool(snapshot, self.run, network, self.settings.pool_size,
+                                                ready_timeout=self.settings.ready_timeout,
+                                                handoff_timeout=self.settings.handoff_timeout)
         self.forks += 1
         self.restore_ms.append(vm.timings["restore_to_healthy_ms"])
         self.restore_by_key.setdefault(snapshot.key, []).append(vm.timings["restore_to_healthy_ms"])
+        self.prewarmed += bool(vm.timings.get("prewarmed"))
         self.foreign.setdefault(snapshot.key, snapshot)  # the registry's own are dropped in stats()
         vm.snapshot_manifest["ephemeral"] = True  # a test's vm.snapshot(): gone when the run ends
         path = vm.timings.get("handoff_path")
@@ -249,6 +257,12 @@ class VMForkSession:
 
     def release(self, vm: VM, failed: bool, node: pytest.Item | None = None) -> None:
         self.live.discard(vm)
+        t = vm.timings
+        if "first_exec_ms" in t and "restore_to_healthy_ms" in t:
+            self.first_exec_ms.append(t["first_exec_ms"])
+            total = round(t["restore_to_healthy_ms"] + t["first_exec_ms"], 2)
+            self.first_result_ms.append(total)
+            self.first_result_by_key.setdefault(vm.forked_from.key, []).append(total)
         keep = failed and self.settings.keep_failed
         if not keep:
             vm.close()
@@ -306,9 +320,16 @@ class VMForkSession:
     def stats(self) -> dict[str, Any]:
         entries = self.registry.entries()
         known = {e.snapshot.key for e in entries}
+        pool_errors = [f"{p.failures} failed pre-warm(s) of snapshot {p.snapshot.key}"
+                       f"{' (the pool stopped: forks start cold)' if p.failures >= 3 else ''}; last: {p.last_error}"
+                       for p in self.pools.values() if p.last_error]
         return {
             "forks": self.forks,
             "restore_ms": self.restore_ms,
+            "first_result_ms": self.first_result_ms,
+            "first_exec_ms": self.first_exec_ms,
+            "prewarmed": self.prewarmed,
+            "pool_errors": pool_errors,
             "handoff_paths": self.handoff_paths,
             "messages": self.messages,
             "snapshots": [
@@ -320,7 +341,8 @@ class VMForkSession:
 
     def _snapshot_stats(self, snap: Snapshot, template: str) -> dict[str, Any]:
         return {"key": snap.key, "template": template, "cache_hit": snap.cache_hit, "build_s": snap.build_s,
-                "boot_s": snap.boot_s, "restore_ms": self.restore_by_key.get(snap.key, []), "depth": snap.depth}
+                "boot_s": snap.boot_s, "restore_ms": self.restore_by_key.get(snap.key, []), "depth": snap.depth,
+                "first_result_ms": self.first_result_by_key.get(snap.key, [])}
 
 
 def _describe_foreign(s: Snapshot) -> str:
@@ -523,9 +545,11 @@ def merge_snapshot_stats(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
         built = not snap["cache_hit"]
         have = merged.get(snap["key"])
         if have is None:
-            merged[snap["key"]] = {**snap, "restore_ms": list(snap.get("restore_ms", [])), "builds": int(built)}
+            merged[snap["key"]] = {**snap, "restore_ms": list(snap.get("restore_ms", [])),
+                                   "first_result_ms": list(snap.get("first_result_ms", [])), "builds": int(built)}
             continue
         have["restore_ms"] += snap.get("restore_ms", [])
+        have["first_result_ms"] += snap.get("first_result_ms", [])
         have["builds"] += built
         if built and have["cache_hit"]:
             have.update(cache_hit=False, build_s=snap["build_s"], boot_s=snap["boot_s"])
@@ -541,6 +565,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         stats["forks"] += worker["forks"]
         stats["restore_ms"] += worker["restore_ms"]
         stats["snapshots"] += worker["snapshots"]
+        for key in ("first_result_ms", "first_exec_ms", "pool_errors"):
+            stats[key] += worker.get(key, [])
+        stats["prewarmed"] += worker.get("prewarmed", 0)
         for path, n in worker.get("handoff_paths", {}).items():
             stats["handoff_paths"][path] = stats["handoff_paths"].get(path, 0) + n
     worker_messages = [m for w in getattr(config, "_vmfork_worker_stats", []) for m in w.get("messages", [])]
@@ -564,11 +591,26 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         if snap["restore_ms"]:
             p50, p95, _ = _percentiles(snap["restore_ms"])
             write(f"  {len(snap['restore_ms'])} forks, restore-to-healthy p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+            if snap.get("first_result_ms"):
+                f50, f95, _ = _percentiles(snap["first_result_ms"])
+                write(f"  fork + first exec p50 {f50:.0f} ms, p95 {f95:.0f} ms "
+                      f"({len(snap['first_result_ms'])} forks ran a command)")
         else:
             write("  no forks")
     if stats["restore_ms"]:
         p50, p95, top = _percentiles(stats["restore_ms"])
         write(f"forks: {len(stats['restore_ms'])}  restore-to-healthy p50 {p50:.0f} ms  p95 {p95:.0f} ms  max {top:.0f} ms")
+        first = stats["first_result_ms"]
+        if first:  # what a test waits for its first result: the fork, then its first command
+            f50, f95, ftop = _percentiles(first)
+            e50 = statistics.median(stats["first_exec_ms"])
+            write(f"fork + first exec ({len(first)} forks ran a command): p50 {f50:.0f} ms  p95 {f95:.0f} ms  "
+                  f"max {ftop:.0f} ms  (first exec alone p50 {e50:.0f} ms)")
+        if stats["prewarmed"] or stats["pool_errors"]:
+            write(f"warm pool: {stats['prewarmed']} of {stats['forks']} forks came pre-warmed, "
+                  f"{stats['forks'] - stats['prewarmed']} forked cold")
+        for error in dict.fromkeys(stats["pool_errors"]):
+            write(f"warm pool: {error}")
         paths = stats["handoff_paths"]
         if paths:
             fallback = paths.get("grpc-fallback", 0)
@@ -576,7 +618,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
                   + ("  <-- the guest's UDP ack did not arrive in time; see vm.timings" if fallback else ""))
         boot = [s["boot_s"] for s in snapshots if s["boot_s"]]
         if boot:
-            write(f"cold boot / fork restore (p50): {max(boot) * 1000 / p50:.0f}x")
+            line = f"cold boot / fork restore (p50): {max(boot) * 1000 / p50:.0f}x"
+            if first:
+                line += f"; cold boot / fork + first exec (p50): {max(boot) * 1000 / f50:.0f}x"
+            write(line)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -201,6 +201,10 @@ class QemuProcess:
     _tasks: list[asyncio.Future[None]] = field(default_factory=list)
     _client: asyncio.StreamWriter | None = None
     _sid: int = 0
+    #: the current control session: when its client connected, and when the guest's
+    #: first bytes for it (the gRPC server's HTTP/2 SETTINGS) came back (monotonic)
+    session_opened: float | None = None
+    session_up: float | None = None
     _servers: list[asyncio.AbstractServer] = field(default_factory=list)
     killed: bool = False
 
@@ -317,6 +321,7 @@ class QemuProcess:
             self._client.close()
         sid = secrets.randbits(32) | 1
         self._client, self._sid = w, sid
+        self.session_opened, self.session_up = time.monotonic(), None
         try:
             while data := await r.read(65536):
                 self.ctl_writer.write(FRAME.pack(sid, len(data)) + data)
@@ -345,6 +350,8 @@ class QemuProcess:
                 if client is None or sid != self._sid:
                     continue  # a session that ended: drop its late bytes
                 if data:
+                    if self.session_up is None:
+                        self.session_up = time.monotonic()
                     client.write(data)
                     try:  # back-pressure: the guest waits for a slow client, we buffer nothing more
                         await client.drain()

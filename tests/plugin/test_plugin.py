@@ -52,7 +52,12 @@ def test_vm_fixture_gives_each_test_a_running_fork_and_prints_the_summary(suite)
     )
     result = suite.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*vmfork summary*", "*cache hit*", "forks: 2  restore-to-healthy p50 * ms  p95 * ms  max * ms"])
+    result.stdout.fnmatch_lines([
+        "*vmfork summary*", "*cache hit*", "  fork + first exec p50 * ms, p95 * ms (2 forks ran a command)",
+        "forks: 2  restore-to-healthy p50 * ms  p95 * ms  max * ms",
+        "fork + first exec (2 forks ran a command): p50 * ms  p95 * ms  max * ms  (first exec alone p50 * ms)",
+        "warm pool: 1 of 2 forks came pre-warmed, 1 forked cold",  # the second waited for the pre-warm
+    ])
     assert qemu_processes_under(suite.tmp) == []
     assert not any(suite.tmp.rglob("*.sock")), "a VM's sockets were left behind"
 
