@@ -140,8 +140,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("vmfork_lease_dir", "root of the host-wide and per-run lease directories "
            "(default /run/vmfork, else <tmp>/vmfork-<uid>/leases)",
            lambda v: Path(str(v)).expanduser(), lambda: None),
-    Option("vmfork_pool_size", "forks kept started ahead (QEMU spawned, device state loaded) per "
-           "process, so a fork request only patches and resumes; 0 disables", _count("vmfork_pool_size", 8),
+    Option("vmfork_pool_size", "forks kept ready ahead per process and snapshot (restored, resumed once and "
+           "pre-warmed with one command), so a fork request only patches its payloads in and resumes; 0 disables",
+           _count("vmfork_pool_size", 8),
            lambda: 1),
     Option("vmfork_apt_sources", "Debian sources the guest image is built from: mirror URLs, 'deb ...' lines or "
            "sources files, separated by ';' or newlines (default: the host's bookworm entries in /etc/apt)",
