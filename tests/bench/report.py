@@ -142,6 +142,13 @@ def report(doc: dict[str, Any]) -> str:
                       [["cold (library)", cold["ready"], cold["first_exec"], cold["second_exec"]],
                        ["pre-warmed (pool)", warm["ready"], warm["first_exec"], warm["second_exec"]]])]
 
+    for b in by_kind(benches, "two_runs"):
+        info = b["extra_info"]
+        out += ["", f"two whole runs at once, each -n 2, {info['tests_per_run']} tests each (their own summaries)"]
+        for i, r in enumerate(info["runs"]):
+            out.append(f"  run {i}: restore-to-healthy p50 {r['restore_p50_ms']:.0f} ms, "
+                       f"fork + first exec p50 {r['fork_first_exec_p50_ms']:.0f} ms")
+
     for b in by_kind(benches, "cold_boot"):
         info = b["extra_info"]
         out += [

@@ -585,6 +585,84 @@ def test_forks_per_second_two_processes(
     )
 
 
+# --- 4b: two whole runs at once, each -n 2 -------------------------------------------
+
+TWO_RUNS_TESTS = env_int("VMFORK_BENCH_TWO_RUNS_TESTS", 12)
+TWO_RUNS_CONFTEST = """
+import pytest
+from fixtures.templates import TEST_TEMPLATE
+
+@pytest.fixture(scope="session")
+def vmfork_template():
+    return TEST_TEMPLATE
+"""
+TWO_RUNS_TEST = """
+import pytest
+
+@pytest.mark.parametrize("n", range({count}))
+@pytest.mark.vmfork_mailbox("app-config", {{"bench": "two-runs"}})
+def test_first_result(vm, n):
+    assert vm.exec(["true"]).returncode == 0
+"""
+
+
+def summary_figure(out: str, prefix: str) -> float:
+    """The p50 (ms) of the summary line starting with ``prefix``."""
+    for line in out.splitlines():
+        if line.startswith(prefix):
+            return float(line.split(" p50 ", 1)[1].split()[0])
+    raise AssertionError(f"no {prefix!r} line in the run's summary:\n{out[-3000:]}")
+
+
+def test_two_runs_at_once_each_with_two_workers(
+    benchmark: Any,
+    vmfork_snapshot: Snapshot,
+    bench_settings: Any,
+    tmp_path: Path,
+    bench_say: Any,
+) -> None:
+    """Two whole pytest runs of the same suite started together, each ``-n 2`` with the
+    plugin's defaults (TAP network, warm pool): concurrent runs on one host, as CI
+    runners and developers do. Figures are the runs' own summaries."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    suites = []
+    for i in range(2):
+        suite = tmp_path / f"run{i}"
+        suite.mkdir()
+        (suite / "conftest.py").write_text(TWO_RUNS_CONFTEST)
+        (suite / "test_two_runs.py").write_text(TWO_RUNS_TEST.format(count=TWO_RUNS_TESTS))
+        suites.append(suite)
+    env = {**os.environ, "PYTHONPATH": str(root), "VMFORK_CACHE_DIR": str(bench_settings.cache_dir)}
+    env.pop("VMFORK_BENCH", None)
+    outs: list[str] = []
+
+    def target() -> None:
+        procs = [subprocess.Popen([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q",
+                                   str(suite)], cwd=suite, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for suite in suites]
+        for p in procs:
+            out, _ = p.communicate(timeout=900)
+            assert p.returncode == 0, out[-4000:]
+            outs.append(out)
+
+    before = host_state()
+    benchmark.pedantic(target, rounds=1)
+    runs = [{"restore_p50_ms": summary_figure(out, "forks: "),
+             "fork_first_exec_p50_ms": summary_figure(out, "fork + first exec ("),
+             "summary": [line for line in out.splitlines() if line.startswith(("forks:", "fork + first", "warm pool"))]}
+            for out in outs]
+    benchmark.extra_info.update({"kind": "two_runs", "tests_per_run": TWO_RUNS_TESTS, "runs": runs,
+                                 "host_before": before, "host_after": host_state()})
+    bench_say(
+        "two runs at once, each -n 2, " + f"{TWO_RUNS_TESTS} tests: " + "; ".join(
+            f"run {i}: restore-to-healthy p50 {r['restore_p50_ms']:.0f} ms, fork + first exec p50 "
+            f"{r['fork_first_exec_p50_ms']:.0f} ms" for i, r in enumerate(runs))
+    )
+
+
 # --- 5: memory per fork -------------------------------------------------------------
 
 
