@@ -709,14 +709,14 @@ def _delete_link_index(index: int | None) -> bool:
         return False
     import errno
 
-    from .network import _iproute, _netlink_code, off_loop
+    from .netlink import iproute, netlink_code, off_loop
 
     def run() -> bool:
-        with _iproute() as ipr:
+        with iproute() as ipr:
             try:
                 ipr.link("del", index=index)
             except Exception as exc:
-                if _netlink_code(exc) == errno.ENODEV:
+                if netlink_code(exc) == errno.ENODEV:
                     return False
                 raise
         return True
