@@ -57,6 +57,7 @@ GRPC_SOCK = RUN_DIR + "/agent.sock"
 MAILBOX_DIR = RUN_DIR + "/mailbox"
 DOORBELL = b"R"
 RNDRESEEDCRNG = 0x5207
+NUD_REACHABLE = 0x02
 CHILD_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -343,12 +344,13 @@ class FastNetlink:
     and for anything but a fresh fork's interface.
     """
 
-    MAC, IP, GW = "02:00:5e:10:00:77", "198.51.100.77", "198.51.100.1"
+    MAC, IP, GW, GW_MAC = "02:00:5e:10:00:77", "198.51.100.77", "198.51.100.1", "02:00:5e:10:00:01"
 
     def __init__(self, index: int) -> None:
         from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
         from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
         from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+        from pyroute2.netlink.rtnl.ndmsg import ndmsg
         from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
         new = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
@@ -364,8 +366,12 @@ class FastNetlink:
         route["family"], route["table"], route["proto"], route["scope"], route["type"] = socket.AF_INET, 254, 3, 0, 1
         route["attrs"] = [("RTA_GATEWAY", self.GW), ("RTA_OIF", index)]
         route["header"]["type"], route["header"]["flags"] = 24, new  # RTM_NEWROUTE
+        neigh = ndmsg()
+        neigh["family"], neigh["ifindex"], neigh["state"] = socket.AF_INET, index, NUD_REACHABLE
+        neigh["attrs"] = [("NDA_DST", self.GW), ("NDA_LLADDR", self.GW_MAC)]
+        neigh["header"]["type"], neigh["header"]["flags"] = 28, new  # RTM_NEWNEIGH
         self.msgs = []
-        for msg in (link, addr, route):
+        for msg in (link, addr, route, neigh):
             msg.encode()
             self.msgs.append(bytes(msg.data))
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
@@ -377,15 +383,18 @@ class FastNetlink:
         at = msg.index(old)
         return msg[:at] + new + msg[at + len(old):]
 
-    def apply(self, mac: str, ip: str, prefix: int, gateway: str | None) -> None:
-        link, addr, route = self.msgs
-        link = self._patch(link, bytes.fromhex(self.MAC.replace(":", "")), bytes.fromhex(mac.replace(":", "")))
+    def apply(self, mac: str, ip: str, prefix: int, gateway: str | None, gateway_mac: str | None) -> None:
+        link, addr, route, neigh = self.msgs
+        link = self._patch(link, _mac_bytes(self.MAC), _mac_bytes(mac))
         addr = self._patch(addr, socket.inet_aton(self.IP), socket.inet_aton(ip))
         addr = self._patch(addr, socket.inet_aton(self.IP), socket.inet_aton(ip))
         addr = addr[:17] + bytes([prefix]) + addr[18:]  # ifa_prefixlen follows nlmsghdr and ifa_family
         batch = [link, addr]
         if gateway:
             batch.append(self._patch(route, socket.inet_aton(self.GW), socket.inet_aton(gateway)))
+            if gateway_mac:  # the host's bridge: the ack needs no ARP round trip (nor the RX path)
+                neigh = self._patch(neigh, socket.inet_aton(self.GW), socket.inet_aton(gateway))
+                batch.append(self._patch(neigh, _mac_bytes(self.GW_MAC), _mac_bytes(gateway_mac)))
         for msg in batch:
             self.seq += 1
             msg = msg[:8] + struct.pack("<I", self.seq) + msg[12:]
@@ -568,7 +577,14 @@ class GuestFiles:
 
 
 def _net_identity(net: dict) -> tuple:
-    return (net["mac"], net["ipv4"], int(net["prefix"]), net.get("gateway") or None)
+    return (net["mac"], net["ipv4"], int(net["prefix"]), net.get("gateway") or None, net.get("gateway_mac"))
+
+
+def _mac_bytes(mac: str) -> bytes:
+    raw = bytes.fromhex(mac.replace(":", ""))
+    if len(raw) != 6:
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return raw
 
 
 def _popen(argv: list[str], request, *, stdin: bool) -> subprocess.Popen:
@@ -850,7 +866,8 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
             self.fast_ok = False  # this memory now carries an applied config
             try:
                 with self.net_lock:
-                    self.fast.apply(net["mac"], net["ipv4"], int(net["prefix"]), net.get("gateway"))
+                    self.fast.apply(net["mac"], net["ipv4"], int(net["prefix"]), net.get("gateway"),
+                                    net.get("gateway_mac"))
                     self.applied = _net_identity(net)
                 return "fast"
             except OSError as exc:
@@ -875,6 +892,10 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
                 ipr.route("replace", dst="0.0.0.0/0", gateway=net["gateway"], oif=idx)
             for neigh in ipr.get_neighbours(ifindex=idx):
                 ipr.neigh("del", ifindex=idx, dst=neigh.get_attr("NDA_DST"))
+            if net.get("gateway") and net.get("gateway_mac"):
+                _mac_bytes(net["gateway_mac"])  # a malformed MAC fails here, not inside netlink
+                ipr.neigh("replace", ifindex=idx, dst=net["gateway"], lladdr=net["gateway_mac"],
+                          state=NUD_REACHABLE)
             self.applied = _net_identity(net)
 
     def ack(self, net: dict, **fields: object) -> None:

@@ -453,7 +453,8 @@ class VM:
         self._acks = AckListener(network.gateway)
         fd = open_tap(lease.tap, network.bridge)
         payload = {"interface": "eth0", "mac": lease.mac, "ipv4": lease.ipv4, "prefix": lease.prefix,
-                   "gateway": lease.gateway, "ack_host": lease.gateway, "ack_port": self._acks.port}
+                   "gateway": lease.gateway, "gateway_mac": network.gateway_mac, "ack_host": lease.gateway,
+                   "ack_port": self._acks.port}
         return tap_netdev(fd), (fd,), payload
 
     def _prepare(self, network: Network) -> None:

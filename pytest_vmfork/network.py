@@ -202,6 +202,12 @@ class RunNetwork:
     def gateway(self) -> str:
         return str(self._need().gateway)
 
+    @property
+    def gateway_mac(self) -> str:
+        """The bridge's MAC, fixed at creation (``mac_for(gateway)``): forks get it in
+        their handoff so they need no ARP exchange before their first packet."""
+        return lz.mac_for(self.gateway)
+
     def _need(self) -> lz.SubnetLease:
         if self.lease is None:
             raise VMForkError(f"run network {self.run_id} is not up; call up() first")
