@@ -51,7 +51,7 @@ class WarmPool:
         slow both down (each translates the guest's code paths anew). The wait
         is part of the fork's ``restore_to_healthy_ms`` and is reported as
         ``pool_wait_ms``."""
-        if snapshot is not self.snapshot or network is not self.network or not self.size:
+        if snapshot is not self.snapshot or network != self.network or not self.size:
             return None
         t0 = time.monotonic()
         with self._cond:
