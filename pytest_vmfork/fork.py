@@ -34,6 +34,7 @@ from . import files
 from . import mailbox as mbx
 from . import process as proc
 from .agent import DEFAULT_OUTPUT_LIMIT, MAX_OUTPUT_LIMIT, MAX_SEND, AgentClient, ExecResult
+from .confine import Handoff
 from .errors import AckTimeout, ConfigError, GuestError, HandoffError, RestoreError, StateError
 from .layer import check_name, save_running
 from .leases import ForkLease
@@ -465,17 +466,23 @@ class VM:
         t0 = time.monotonic()
         snap = self.forked_from
         netdev, fds, self._net = self._plumb(network)
-        argv = snap.machine.argv(
-            workdir=self.dir,
-            mem_path=snap.memory_path,
-            shared=False,
-            incoming=True,
-            netdev=netdev,
-            mac=FORK_MAC,
-            name=self.name,
-        )
         try:
-            qemu = self._qemu = QemuProcess.start(argv, self.dir, self.name, pass_fds=fds,
+            handoff = Handoff(self.run.qemu())
+            try:
+                argv = snap.machine.argv(
+                    handoff=handoff,
+                    workdir=self.dir,
+                    mem_path=snap.memory_path,
+                    shared=False,
+                    incoming=True,
+                    netdev=netdev,
+                    mac=FORK_MAC,
+                    name=self.name,
+                )
+            except BaseException:
+                handoff.close()
+                raise
+            qemu = self._qemu = QemuProcess.start(argv, self.dir, self.name, handoff=handoff, pass_fds=fds,
                                                   file_limit=FORK_FILE_LIMIT)
         finally:
             for fd in fds:
@@ -483,7 +490,7 @@ class VM:
         write_handles(
             self.dir,
             {"name": self.name, "pid": qemu.pid, "start_time": qemu.start_time, "run_id": self.run.run_id,
-             "tap": self._lease.tap if self._lease else None, "ip": self.ip},
+             "tap": self._lease.tap if self._lease else None, "ip": self.ip, "qemu_uid": qemu.uid},
         )
         self.timings["spawn_ms"] = _ms(t0)
         qemu.cmd("migrate-set-parameters", **{"announce-rounds": 0})

@@ -52,7 +52,8 @@ def pytest_configure(config: pytest.Config) -> None:
     try:  # a cache, run or lease directory someone else can write is refused here
         private.private_dir(settings.cache_dir, "cache directory")
         if workerinput is not None:
-            run = Run(run_id=workerinput["testrunuid"], worker=workerinput["workerid"].replace("gw", "w"))
+            run = Run(run_id=workerinput["testrunuid"], worker=workerinput["workerid"].replace("gw", "w"),
+                      qemu_user=settings.qemu_user)
         else:
             # Never inherit PYTEST_XDIST_TESTRUNUID: a pytest started from inside a
             # worker is another run. Under xdist, hand our id to the workers so the
@@ -60,8 +61,8 @@ def pytest_configure(config: pytest.Config) -> None:
             run_id = new_run_id()
             if getattr(config.option, "testrunuid", "unset") is None:
                 config.option.testrunuid = run_id
-            run = Run(run_id=run_id)
-    except private.PrivateDirError as exc:
+            run = Run(run_id=run_id, qemu_user=settings.qemu_user)
+    except (private.PrivateDirError, ConfigError) as exc:
         raise pytest.UsageError(str(exc)) from exc
     session = config.stash[SESSION_KEY] = VMForkSession(config, settings, run)
     _install_signal_handlers(config)

@@ -147,7 +147,7 @@ class VMForkSession:
             snap = None
             if final.exists():
                 try:
-                    private.verify_cache_entry(final)
+                    private.verify_cache_entry(final, ram_gid=self.run.qemu(self.progress).ram_gid)
                     snap = Snapshot.load(final)
                 except (BuildError, private.PrivateDirError) as exc:
                     self.progress(f"vmfork: discarding damaged layer {label} ({lkey}): {exc}")
