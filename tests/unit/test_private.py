@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import leases as lz
 from pytest_vmfork import confine, private
+from pytest_vmfork import leases as lz
 from pytest_vmfork.run import Run
 
 
