@@ -265,6 +265,12 @@ def _add(argv: list[str], exists: Callable[[], bool]) -> None:
         time.sleep(0.25)
 
 
+def ram_group_gid() -> int | None:
+    """The gid of :data:`RAM_GROUP` if it exists."""
+    group = _group_named(RAM_GROUP)
+    return group.gr_gid if group else None
+
+
 def default_uid() -> int | None:
     """The uid of :data:`DEFAULT_USER` if it exists (gc recognises our QEMUs by it)."""
     entry = _user_named(DEFAULT_USER)

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import confine
 from .errors import VMForkError
 
 #: Mode of every directory pytest-vmfork creates for itself.
@@ -125,13 +126,14 @@ def verify_cache_entry(path: Path | str, *, ram_gid: int | None = None) -> None:
 def seal(path: Path | str) -> None:
     """Take group and other write off a freshly built cache entry (a umask of 002 would
     leave them on), so :func:`verify_cache_entry` accepts what we built ourselves.
-    A :data:`RAM_FILE` keeps the group write we gave the QEMU user's group (a group
-    not ours: the umask cannot have set that one)."""
+    A :data:`RAM_FILE` keeps the group write we gave the QEMU group
+    (``confine.RAM_GROUP``; not our own group, which a umask could have given it)."""
+    ram_gid = confine.ram_group_gid()
     for dirpath, dirnames, filenames in os.walk(path):
         for name in (".", *dirnames, *filenames):
             child = os.path.join(dirpath, name)
             st = os.lstat(child)
-            keep = 0o020 if name == RAM_FILE and st.st_gid != os.getegid() else 0
+            keep = 0o020 if name == RAM_FILE and st.st_gid == ram_gid != os.getegid() else 0
             if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022 & ~keep:
                 os.chmod(child, stat.S_IMODE(st.st_mode) & ~(0o022 & ~keep))
 
