@@ -333,6 +333,8 @@ class QemuProcess:
         self.session_opened, self.session_up = time.monotonic(), None
         try:
             while data := await r.read(65536):
+                if self.ctl_writer.is_closing():  # QEMU is gone: the client sees EOF
+                    break
                 self.ctl_writer.write(FRAME.pack(sid, len(data)) + data)
                 await self.ctl_writer.drain()
         except (ConnectionError, OSError):
@@ -340,10 +342,11 @@ class QemuProcess:
         finally:
             if self._sid == sid:
                 self._client = None
-                try:
-                    self.ctl_writer.write(FRAME.pack(sid, 0))
-                except (ConnectionError, OSError, RuntimeError):
-                    pass
+                if not self.ctl_writer.is_closing():
+                    try:
+                        self.ctl_writer.write(FRAME.pack(sid, 0))
+                    except (ConnectionError, OSError, RuntimeError):
+                        pass
             w.close()
 
     async def _pump_ctl(self) -> None:
@@ -369,6 +372,7 @@ class QemuProcess:
                 else:
                     client.close()
         except (asyncio.IncompleteReadError, ConnectionError):
+            self.ctl_writer.close()  # QEMU is gone: no more writes towards it
             if self._client is not None:
                 self._client.close()
 
