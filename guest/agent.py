@@ -57,6 +57,7 @@ GRPC_SOCK = RUN_DIR + "/agent.sock"
 MAILBOX_DIR = RUN_DIR + "/mailbox"
 DOORBELL = b"R"
 RNDRESEEDCRNG = 0x5207
+NUD_REACHABLE = 0x02
 CHILD_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -66,6 +67,7 @@ CHILD_ENV = {
 START = time.monotonic()
 CHUNK = 1 << 20  # file content per gRPC message (pytest_vmfork/files.py uses the same)
 OUTPUT_LIMIT = 1 << 20  # default bytes kept per spawned process stream
+EXEC_OUTPUT_LIMIT = 8 << 20  # default bytes kept of an exec's stdout and of its stderr
 MAX_OUTPUT_LIMIT = 64 << 20
 MAX_PROCESSES = 1024  # records kept; the oldest exited ones go first
 MAX_WAIT_S = 10.0  # a ReadProcess long poll holds a server thread at most this long
@@ -152,6 +154,58 @@ class GuestMailbox:
 FRAME = struct.Struct("<II")  # session id, length (0: the session ended)
 
 
+class _Session:
+    """One connection to the in-guest gRPC server and the thread that frames its
+    replies. Made *spare* (no session id yet) ahead of use: the server accepts
+    it and sets its HTTP/2 transport up then, and its first bytes (the server's
+    SETTINGS) wait in ``held`` until the session is given an id."""
+
+    def __init__(self, bridge: "Bridge") -> None:
+        self.bridge = bridge
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(GRPC_SOCK)
+        self.sid = 0
+        self.active = threading.Event()
+        threading.Thread(target=self._pump_out, name="bridge-out", daemon=True).start()
+
+    def start(self, sid: int) -> None:
+        self.sid = sid
+        self.active.set()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.active.set()  # a spare that never started: let its thread end
+        self.sock.close()
+
+    def _pump_out(self) -> None:
+        first = True
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not self.active.is_set():
+                if not data:
+                    break  # the server closed the spare: the next session connects itself
+                self.active.wait()  # hold the server's first bytes until the session starts
+            if not self.sid:
+                break  # closed while spare
+            try:
+                self.bridge._send(self.sid, data)  # an empty frame tells the host the session ended
+            except OSError:
+                break
+            if not data:
+                break
+            if first:  # the session's first reply is out: now the bridge may do its housekeeping
+                first = False
+                self.bridge.replenish()
+        self.bridge._gone(self)
+        self.sock.close()
+
+
 class Bridge:
     """Carries gRPC's HTTP/2 sessions over the ctl virtio-serial port.
 
@@ -160,24 +214,59 @@ class Bridge:
     opens a fresh connection to the in-guest gRPC server, so a session never
     continues across a restore (every fork's first id is new) or across a
     host reconnect; stale bytes of an old session are dropped on both sides.
+
+    The connection for the *next* session is made ahead (a spare, already
+    accepted by the gRPC server), and a replaced session is closed only after
+    the new one answered: a template's spare is in its snapshot, so a fork's
+    first RPC skips the server's accept and transport set-up and the old
+    session's teardown (under TCG every one of those code paths would be
+    translated anew in each fork).
     """
 
     def __init__(self, port_path: str) -> None:
         self.fd = os.open(port_path, os.O_RDWR)
         self.lock = threading.Lock()
         self.wlock = threading.Lock()
-        self.inner: socket.socket | None = None
+        self.inner: _Session | None = None
+        self.spare: _Session | None = None
+        self.retired: list[_Session] = []
         self.sid = 0
 
-    def reset(self) -> None:
+    def reset(self, *, defer: bool = False) -> None:
+        """End the current session; with ``defer`` its close waits for the next
+        session's first reply (a fork replacing the template's session)."""
         with self.lock:
             inner, self.inner = self.inner, None
+            if inner is not None and defer:
+                self.retired.append(inner)
+                return
         if inner is not None:
-            try:
-                inner.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             inner.close()
+
+    def replenish(self) -> None:
+        """Close retired sessions and make the next spare: off the first reply's path."""
+        with self.lock:
+            retired, self.retired = self.retired, []
+            need = self.spare is None
+        for old in retired:
+            old.close()
+        if need:
+            try:
+                spare = _Session(self)
+            except OSError:
+                return  # the server is not up (boot): the next session connects itself
+            with self.lock:
+                if self.spare is None:
+                    self.spare, spare = spare, None
+            if spare is not None:
+                spare.close()
+
+    def _gone(self, session: _Session) -> None:
+        with self.lock:
+            if self.inner is session:
+                self.inner = None
+            if self.spare is session:
+                self.spare = None
 
     def _send(self, sid: int, data: bytes) -> None:
         view = memoryview(FRAME.pack(sid, len(data)) + data)
@@ -185,31 +274,15 @@ class Bridge:
             while view:
                 view = view[os.write(self.fd, view) :]
 
-    def _pump_out(self, s: socket.socket, sid: int) -> None:
-        while True:
-            try:
-                data = s.recv(65536)
-            except OSError:
-                data = b""
-            try:
-                self._send(sid, data)  # an empty frame tells the host the session ended
-            except OSError:
-                break
-            if not data:
-                break
-        with self.lock:
-            if self.inner is s:
-                self.inner = None
-        s.close()
-
     def _inner(self, sid: int) -> socket.socket:
         with self.lock:
             if self.inner is None:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(GRPC_SOCK)
-                self.inner = s
-                threading.Thread(target=self._pump_out, args=(s, sid), daemon=True).start()
-            return self.inner
+                session, self.spare = self.spare, None
+                if session is None:
+                    session = _Session(self)
+                session.start(sid)
+                self.inner = session
+            return self.inner.sock
 
     def run(self) -> None:
         """Parse frames as bytes arrive and forward each payload piece by piece.
@@ -250,7 +323,7 @@ class Bridge:
                 sid, length = FRAME.unpack(header)
                 header.clear()
                 if sid != self.sid:
-                    self.reset()
+                    self.reset(defer=True)
                     self.sid = sid
                 if not length:  # the host's session ended
                     self.reset()
@@ -271,12 +344,13 @@ class FastNetlink:
     and for anything but a fresh fork's interface.
     """
 
-    MAC, IP, GW = "02:00:5e:10:00:77", "198.51.100.77", "198.51.100.1"
+    MAC, IP, GW, GW_MAC = "02:00:5e:10:00:77", "198.51.100.77", "198.51.100.1", "02:00:5e:10:00:01"
 
     def __init__(self, index: int) -> None:
         from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
         from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
         from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+        from pyroute2.netlink.rtnl.ndmsg import ndmsg
         from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
         new = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
@@ -292,8 +366,12 @@ class FastNetlink:
         route["family"], route["table"], route["proto"], route["scope"], route["type"] = socket.AF_INET, 254, 3, 0, 1
         route["attrs"] = [("RTA_GATEWAY", self.GW), ("RTA_OIF", index)]
         route["header"]["type"], route["header"]["flags"] = 24, new  # RTM_NEWROUTE
+        neigh = ndmsg()
+        neigh["family"], neigh["ifindex"], neigh["state"] = socket.AF_INET, index, NUD_REACHABLE
+        neigh["attrs"] = [("NDA_DST", self.GW), ("NDA_LLADDR", self.GW_MAC)]
+        neigh["header"]["type"], neigh["header"]["flags"] = 28, new  # RTM_NEWNEIGH
         self.msgs = []
-        for msg in (link, addr, route):
+        for msg in (link, addr, route, neigh):
             msg.encode()
             self.msgs.append(bytes(msg.data))
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
@@ -305,15 +383,18 @@ class FastNetlink:
         at = msg.index(old)
         return msg[:at] + new + msg[at + len(old):]
 
-    def apply(self, mac: str, ip: str, prefix: int, gateway: str | None) -> None:
-        link, addr, route = self.msgs
-        link = self._patch(link, bytes.fromhex(self.MAC.replace(":", "")), bytes.fromhex(mac.replace(":", "")))
+    def apply(self, mac: str, ip: str, prefix: int, gateway: str | None, gateway_mac: str | None) -> None:
+        link, addr, route, neigh = self.msgs
+        link = self._patch(link, _mac_bytes(self.MAC), _mac_bytes(mac))
         addr = self._patch(addr, socket.inet_aton(self.IP), socket.inet_aton(ip))
         addr = self._patch(addr, socket.inet_aton(self.IP), socket.inet_aton(ip))
         addr = addr[:17] + bytes([prefix]) + addr[18:]  # ifa_prefixlen follows nlmsghdr and ifa_family
         batch = [link, addr]
         if gateway:
             batch.append(self._patch(route, socket.inet_aton(self.GW), socket.inet_aton(gateway)))
+            if gateway_mac:  # the host's bridge: the ack needs no ARP round trip (nor the RX path)
+                neigh = self._patch(neigh, socket.inet_aton(self.GW), socket.inet_aton(gateway))
+                batch.append(self._patch(neigh, _mac_bytes(self.GW_MAC), _mac_bytes(gateway_mac)))
         for msg in batch:
             self.seq += 1
             msg = msg[:8] + struct.pack("<I", self.seq) + msg[12:]
@@ -495,6 +576,33 @@ class GuestFiles:
             abort_os(context, exc, exc.filename if isinstance(exc.filename, str) else root)
 
 
+def _net_identity(net: dict) -> tuple:
+    return (net["mac"], net["ipv4"], int(net["prefix"]), net.get("gateway") or None, net.get("gateway_mac"))
+
+
+def _mac_bytes(mac: str) -> bytes:
+    raw = bytes.fromhex(mac.replace(":", ""))
+    if len(raw) != 6:
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return raw
+
+
+def _popen(argv: list[str], request, *, stdin: bool) -> subprocess.Popen:
+    """A program for Exec and Spawn: the agent's environment plus the request's,
+    its own session (so a timeout kills its whole group), output on pipes."""
+    env = dict(CHILD_ENV)
+    env.update(request.env)
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=request.cwd or "/",
+        env=env,
+        start_new_session=True,
+    )
+
+
 # --- background processes ------------------------------------------------------
 
 
@@ -602,19 +710,9 @@ class GuestProcesses:
         argv = list(request.argv)
         if not argv:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "argv is empty")
-        env = dict(CHILD_ENV)
-        env.update(request.env)
         limit = min(request.output_limit or OUTPUT_LIMIT, MAX_OUTPUT_LIMIT)
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if request.has_stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=request.cwd or "/",
-                env=env,
-                start_new_session=True,
-            )
+            proc = _popen(argv, request, stdin=request.has_stdin)
         except OSError as exc:
             abort_os(context, exc, exc.filename if isinstance(exc.filename, str) else argv[0])
         p = GuestProcess(proc, limit, request.stdin if request.has_stdin else None)
@@ -666,6 +764,7 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
         self.ipr = IPRoute()
         self.net_lock = threading.Lock()
         self.fast_ok = False
+        self.applied: tuple | None = None  # the network config eth0 carries now
         self.warm_network()
 
     # --- events to the host ------------------------------------------------
@@ -753,16 +852,23 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
         self.apply_network({"mac": mac, "ipv4": "169.254.77.77", "prefix": 32, "gateway": None})
         self.ipr.addr("del", index=self.eth, address="169.254.77.77", prefixlen=32)
         self.ipr.link("set", index=self.eth, state="down")
+        self.applied = None
         self.fast = FastNetlink(self.eth)
         self.fast_ok = True  # a fresh fork's eth0: down, no address, no neighbours
 
     def apply_on_resume(self, net: dict) -> str:
-        """The guest-initiated handoff; returns which path applied it."""
+        """The guest-initiated handoff; returns which path applied it. A resume
+        that brings the config already applied (a pre-warmed pool fork's second
+        resume, vm.deliver()) changes nothing and only acks."""
+        if _net_identity(net) == self.applied:
+            return "unchanged"
         if self.fast_ok:
             self.fast_ok = False  # this memory now carries an applied config
             try:
                 with self.net_lock:
-                    self.fast.apply(net["mac"], net["ipv4"], int(net["prefix"]), net.get("gateway"))
+                    self.fast.apply(net["mac"], net["ipv4"], int(net["prefix"]), net.get("gateway"),
+                                    net.get("gateway_mac"))
+                    self.applied = _net_identity(net)
                 return "fast"
             except OSError as exc:
                 log(f"fast netlink apply failed ({exc}); using pyroute2")
@@ -775,6 +881,7 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
             raise RuntimeError("the guest has no eth0")
         self.fast_ok = False
         with self.net_lock:
+            self.applied = None  # until it all went through
             ipr, idx = self.ipr, self.eth
             ipr.link("set", index=idx, address=net["mac"])
             for addr in ipr.get_addr(index=idx, family=socket.AF_INET):
@@ -785,6 +892,11 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
                 ipr.route("replace", dst="0.0.0.0/0", gateway=net["gateway"], oif=idx)
             for neigh in ipr.get_neighbours(ifindex=idx):
                 ipr.neigh("del", ifindex=idx, dst=neigh.get_attr("NDA_DST"))
+            if net.get("gateway") and net.get("gateway_mac"):
+                _mac_bytes(net["gateway_mac"])  # a malformed MAC fails here, not inside netlink
+                ipr.neigh("replace", ifindex=idx, dst=net["gateway"], lladdr=net["gateway_mac"],
+                          state=NUD_REACHABLE)
+            self.applied = _net_identity(net)
 
     def ack(self, net: dict, **fields: object) -> None:
         datagram = mbx.format_ack(stage="applied", gen=self.generation, token=self.token, **fields)
@@ -831,31 +943,23 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
         import selectors
 
         t0 = time.monotonic()
-        env = dict(CHILD_ENV)
-        env.update(request.env)
         argv = list(request.argv)
         if not argv:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "argv is empty")
-        limit = request.output_limit or 8 * 1024 * 1024
+        limit = request.output_limit or EXEC_OUTPUT_LIMIT
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=request.cwd or "/",
-                env=env,
-                start_new_session=True,
-            )
+            # No input: /dev/null (EOF at once, like a closed pipe) and no feeder thread,
+            # one thread fewer to create on the first exec of a fork.
+            proc = _popen(argv, request, stdin=bool(request.stdin))
         except OSError as exc:
             msg = f"vmfork-agent: cannot execute {argv[0]!r}: {exc.strerror}\n".encode()
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             return pb.ExecResponse(exit_code=code, stderr=msg, duration_ms=(time.monotonic() - t0) * 1e3)
+        spawn_ms = (time.monotonic() - t0) * 1e3
 
         def feed(data: bytes) -> None:  # like communicate(): stdin from a thread, EPIPE ignored
             try:
-                if data:
-                    proc.stdin.write(data)
+                proc.stdin.write(data)
             except (BrokenPipeError, OSError):
                 pass
             finally:
@@ -864,7 +968,8 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
                 except OSError:
                     pass
 
-        threading.Thread(target=feed, args=(request.stdin,), daemon=True).start()
+        if request.stdin:
+            threading.Thread(target=feed, args=(request.stdin,), daemon=True).start()
         kept = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
         for fd in kept:  # fewer, larger reads (and wake-ups) for a chatty program
             try:
@@ -922,6 +1027,7 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
             duration_ms=(time.monotonic() - t0) * 1e3,
             stdout_dropped=dropped[out_fd],
             stderr_dropped=dropped[err_fd],
+            spawn_ms=spawn_ms,
         )
 
 
@@ -1004,6 +1110,7 @@ def main() -> None:
     pb_grpc.add_AgentServicer_to_server(agent, server)
     server.add_insecure_port("unix:" + GRPC_SOCK)
     server.start()
+    agent.bridge.replenish()  # the first session's connection, accepted before the host asks
     threading.Thread(target=agent.bridge.run, name="bridge", daemon=True).start()
     threading.Thread(target=agent.resume_loop, name="resume", daemon=True).start()
     log(f"ready: version {AGENT_VERSION}, kernel {agent.kernel}, mailboxes {sorted(agent.user)}")

@@ -44,6 +44,7 @@ class ExecResult:
     duration_ms: float
     stdout_dropped: int = 0  # bytes beyond output_limit the guest dropped (a marker ends stdout)
     stderr_dropped: int = 0
+    spawn_ms: float = 0.0  # in the guest: from the request's arrival to the program started
 
     def check(self) -> "ExecResult":
         """Raise GuestError unless the program exited 0 (like ``check=True``)."""
@@ -132,7 +133,7 @@ class AgentClient:
         if resp.timed_out:
             raise ExecTimeout(argv, timeout, resp.stdout, resp.stderr)
         return ExecResult(tuple(argv), resp.exit_code, resp.stdout, resp.stderr, resp.duration_ms,
-                          resp.stdout_dropped, resp.stderr_dropped)
+                          resp.stdout_dropped, resp.stderr_dropped, resp.spawn_ms)
 
     # Files: chunked streams (pytest_vmfork/files.py builds and reads them).
 

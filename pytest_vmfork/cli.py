@@ -73,7 +73,7 @@ def _snapshot(args: argparse.Namespace, run: Run) -> Snapshot:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    run = Run()
+    run = Run(qemu_user=args.qemu_user)
     try:
         t0 = time.monotonic()
         snap = _snapshot(args, run)
@@ -87,7 +87,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.argv:
         raise ConfigError("vmfork run needs a command after --, e.g. vmfork run -- uname -a")
-    run = Run()
+    run = Run(qemu_user=args.qemu_user)
     try:
         snap = _snapshot(args, run)
         with fork(snap, run=run) as vm:
@@ -99,6 +99,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             return res.returncode
     finally:
         run.remove()
+
+
+def _to_stderr(message: str) -> None:
+    """Progress of a command whose stdout is the guest program's."""
+    print(message, file=sys.stderr)
 
 
 def cmd_key(args: argparse.Namespace) -> int:
@@ -130,9 +135,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
     if not args.argv:
         raise ConfigError(f"vmfork exec needs a command after --, e.g. vmfork exec {args.name} -- ls /root")
-    snap = find_kept(args.cache_dir, args.name)
-    run = Run()
+    run = Run(qemu_user=args.qemu_user)
     try:
+        snap = find_kept(args.cache_dir, args.name, ram_gid=run.qemu(_to_stderr).ram_gid)
         with fork(snap, run=run) as vm:
             res = vm.exec(args.argv, timeout=args.timeout)
             sys.stdout.buffer.write(res.stdout)
@@ -147,9 +152,9 @@ def cmd_shell(args: argparse.Namespace) -> int:
     from .kept import find_kept
     from .shell import interactive
 
-    snap = find_kept(args.cache_dir, args.name)
-    run = Run()
+    run = Run(qemu_user=args.qemu_user)
     try:
+        snap = find_kept(args.cache_dir, args.name, ram_gid=run.qemu(_to_stderr).ram_gid)
         with fork(snap, run=run) as vm:
             print(f"[vmfork] {vm.name}: a fork of kept VM {args.name}; exit the shell to tear it down",
                   file=sys.stderr)
@@ -187,10 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--build-mode", choices=MODES, default=os.environ.get("VMFORK_BUILD_MODE") or "auto",
                        help="mmdebstrap mode (default auto: root, else unshare, else fakechroot)")
 
+    def qemu_user(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--qemu-user", default=os.environ.get("VMFORK_QEMU_USER") or None,
+                       help="the user QEMU runs as when run as root (default vmfork-qemu, created "
+                            "when needed; root keeps uid 0)")
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--template", help="package.module:NAME of a Template (default: the stock one)")
         building(p)
         p.add_argument("--accel", choices=ACCELS, default="auto")
+        qemu_user(p)
 
     b = sub.add_parser("build", help="build the guest image and the template snapshot (cached)")
     common(b)
@@ -228,12 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("name", help="the kept VM's name (`vmfork kept` lists them)")
     e.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     e.add_argument("--timeout", type=float, default=60.0)
+    qemu_user(e)
     e.add_argument("argv", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_exec)
 
     sh = sub.add_parser("shell", help="restore a kept VM and open an interactive shell in it")
     sh.add_argument("name", help="the kept VM's name (`vmfork kept` lists them)")
     sh.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    qemu_user(sh)
     sh.add_argument("argv", nargs=argparse.REMAINDER, help="a program to run instead of the login shell")
     sh.set_defaults(func=cmd_shell)
 

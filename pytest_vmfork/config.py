@@ -80,6 +80,12 @@ def _pool(value: Any) -> str:
     return str(value)
 
 
+def _qemu_user(value: Any) -> str | None:
+    from .confine import check_setting
+
+    return check_setting(str(value).strip())  # ConfigError naming the problem
+
+
 def _count(name: str, upper: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         try:
@@ -140,8 +146,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("vmfork_lease_dir", "root of the host-wide and per-run lease directories "
            "(default /run/vmfork, else <tmp>/vmfork-<uid>/leases)",
            lambda v: Path(str(v)).expanduser(), lambda: None),
-    Option("vmfork_pool_size", "forks kept started ahead (QEMU spawned, device state loaded) per "
-           "process, so a fork request only patches and resumes; 0 disables", _count("vmfork_pool_size", 8),
+    Option("vmfork_pool_size", "forks kept ready ahead per process and snapshot (restored, resumed once and "
+           "pre-warmed with one command), so a fork request only patches its payloads in and resumes; 0 disables",
+           _count("vmfork_pool_size", 8),
            lambda: 1),
     Option("vmfork_apt_sources", "Debian sources the guest image is built from: mirror URLs, 'deb ...' lines or "
            "sources files, separated by ';' or newlines (default: the host's bookworm entries in /etc/apt)",
@@ -151,6 +158,9 @@ OPTIONS: tuple[Option, ...] = (
            _build_mode, lambda: "auto", env="VMFORK_BUILD_MODE"),
     Option("vmfork_handoff_timeout", "seconds to wait for the guest's network ack before the gRPC fallback",
            _seconds("vmfork_handoff_timeout", 60), lambda: 2.0),
+    Option("vmfork_qemu_user", "the unprivileged user QEMU runs as when pytest runs as root (default vmfork-qemu, "
+           "created when needed; an existing user's name; root keeps uid 0). Ignored when not root",
+           _qemu_user, lambda: None, env="VMFORK_QEMU_USER"),
 )
 
 
@@ -168,6 +178,7 @@ class Settings:
     pool_size: int = 1
     apt_sources: str | None = None
     build_mode: str = "auto"
+    qemu_user: str | None = None
 
     @property
     def build(self) -> "BuildOptions":

@@ -28,12 +28,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Protocol, Sequence, Union
 
 from . import files
 from . import mailbox as mbx
 from . import process as proc
 from .agent import DEFAULT_OUTPUT_LIMIT, MAX_OUTPUT_LIMIT, MAX_SEND, AgentClient, ExecResult
+from .confine import Handoff
 from .errors import AckTimeout, ConfigError, GuestError, HandoffError, RestoreError, StateError
 from .layer import check_name, save_running
 from .leases import ForkLease
@@ -42,9 +43,6 @@ from .proto import agent_pb2 as pb
 from .run import Run, write_handles
 from .snapshot import Snapshot, require_mailboxes
 from .vmm import FORK_FILE_LIMIT, ProcMem, QemuProcess
-
-if TYPE_CHECKING:
-    from .pool import WarmPool
 
 DEFAULT_READY_TIMEOUT = 30.0
 DEFAULT_HANDOFF_TIMEOUT = 2.0  # the guest acks before it says ready: this only bounds a lost ack
@@ -57,6 +55,12 @@ MAX_STDIN = MAX_SEND - 64 * 1024  # argv, env and framing share the request
 #: ``network=`` for :func:`fork`: "none", "user" (QEMU user-mode, no privileges)
 #: or a RunNetwork that is up (a TAP on the run's bridge).
 Network = Union[str, RunNetwork, None]
+
+
+class Pool(Protocol):
+    """Where :func:`fork` takes a VM prepared ahead of the request (pytest_vmfork.pool.WarmPool)."""
+
+    def take(self, snapshot: Snapshot, network: Network) -> "VM | None": ...
 
 
 @dataclass(frozen=True)
@@ -178,8 +182,14 @@ class VM:
             raise ConfigError(f"exec input is {len(input)} bytes; at most {MAX_STDIN} bytes "
                               "fit one request: copy larger data into the guest in pieces")
         assert self._agent is not None and self._qemu is not None
+        first = "first_exec_ms" not in self.timings
         try:
-            return self._agent.exec(argv, timeout=timeout, input=input, env=env, cwd=cwd, output_limit=output_limit)
+            t0 = time.monotonic()
+            result = self._agent.exec(argv, timeout=timeout, input=input, env=env, cwd=cwd,
+                                      output_limit=output_limit)
+            if first:
+                self._time_first_exec(t0, result)
+            return result
         except GuestError as exc:
             if self._qemu.fault is None and self._qemu.alive():
                 raise
@@ -191,6 +201,30 @@ class VM:
                 f"VM {self.name}: its QEMU (pid {self._qemu.pid}) exited {_exit_reason(self._qemu.proc.returncode)} "
                 f"while running {argv}{fault}", console_tail=self.console_tail()
             ) from exc
+
+    def _time_first_exec(self, t0: float, result: ExecResult) -> None:
+        """``first_exec_ms`` and its stages: what a test waits for beyond the fork.
+
+        ``session_wait_ms``: the part spent waiting for the control channel's
+        HTTP/2 session (the gRPC client connecting through the ctl proxy until
+        the guest's server answered; ``session_ms`` is that session's whole
+        set-up); ``rpc_ms``: the request's and reply's way through the proxy,
+        QEMU, the guest's bridge and both gRPC stacks; ``spawn_ms`` and
+        ``run_ms``: the guest agent's own (start the program; run and reap it)."""
+        assert self._qemu is not None
+        total = _ms(t0)
+        guest = max(result.duration_ms, 0.0)
+        opened, up = self._qemu.session_opened, self._qemu.session_up
+        waited = round(max(up - t0, 0.0) * 1000, 2) if up is not None else 0.0
+        self.timings["first_exec_ms"] = total
+        self.timings["first_exec"] = {
+            "session_wait_ms": min(waited, total),
+            "rpc_ms": round(max(total - waited - guest, 0.0), 2),
+            "spawn_ms": round(result.spawn_ms, 2),
+            "run_ms": round(max(guest - result.spawn_ms, 0.0), 2),
+        }
+        if opened is not None and up is not None and not self.timings.get("prewarmed"):
+            self.timings["session_ms"] = round((up - opened) * 1000, 2)  # (a pre-warmed fork's is the pool's)
 
     def _running_agent(self, operation: str) -> AgentClient:
         if self.state != "running":
@@ -420,7 +454,8 @@ class VM:
         self._acks = AckListener(network.gateway)
         fd = open_tap(lease.tap, network.bridge)
         payload = {"interface": "eth0", "mac": lease.mac, "ipv4": lease.ipv4, "prefix": lease.prefix,
-                   "gateway": lease.gateway, "ack_host": lease.gateway, "ack_port": self._acks.port}
+                   "gateway": lease.gateway, "gateway_mac": network.gateway_mac, "ack_host": lease.gateway,
+                   "ack_port": self._acks.port}
         return tap_netdev(fd), (fd,), payload
 
     def _prepare(self, network: Network) -> None:
@@ -431,17 +466,23 @@ class VM:
         t0 = time.monotonic()
         snap = self.forked_from
         netdev, fds, self._net = self._plumb(network)
-        argv = snap.machine.argv(
-            workdir=self.dir,
-            mem_path=snap.memory_path,
-            shared=False,
-            incoming=True,
-            netdev=netdev,
-            mac=FORK_MAC,
-            name=self.name,
-        )
         try:
-            qemu = self._qemu = QemuProcess.start(argv, self.dir, self.name, pass_fds=fds,
+            handoff = Handoff(self.run.qemu())
+            try:
+                argv = snap.machine.argv(
+                    handoff=handoff,
+                    workdir=self.dir,
+                    mem_path=snap.memory_path,
+                    shared=False,
+                    incoming=True,
+                    netdev=netdev,
+                    mac=FORK_MAC,
+                    name=self.name,
+                )
+            except BaseException:
+                handoff.close()
+                raise
+            qemu = self._qemu = QemuProcess.start(argv, self.dir, self.name, handoff=handoff, pass_fds=fds,
                                                   file_limit=FORK_FILE_LIMIT)
         finally:
             for fd in fds:
@@ -449,7 +490,7 @@ class VM:
         write_handles(
             self.dir,
             {"name": self.name, "pid": qemu.pid, "start_time": qemu.start_time, "run_id": self.run.run_id,
-             "tap": self._lease.tap if self._lease else None, "ip": self.ip},
+             "tap": self._lease.tap if self._lease else None, "ip": self.ip, "qemu_uid": qemu.uid},
         )
         self.timings["spawn_ms"] = _ms(t0)
         qemu.cmd("migrate-set-parameters", **{"announce-rounds": 0})
@@ -463,6 +504,20 @@ class VM:
         self.timings["load_ms"] = _ms(t0)
         self.state = "loaded"
 
+    def _prewarm(self, ready_timeout: float, handoff_timeout: float) -> None:
+        """Resume a prepared fork once, with no payloads, and run one command: a
+        warm pool's forks do this before any request, so that the code paths a
+        test's fork and first command run (resume, network apply, the control
+        channel's session, a process spawn) are translated already (TCG) and
+        paged in. The request then stops the vCPUs, patches its payloads in and
+        resumes again, like :meth:`deliver`; its entropy, clock, generation and
+        network handoff are its own."""
+        t0 = time.monotonic()
+        load_ms = self.timings["load_ms"]
+        self._resume(t0, {}, {}, ready_timeout, handoff_timeout)
+        self.exec(["true"], timeout=ready_timeout).check()
+        self.timings = {"load_ms": load_ms, "prepare_ms": round(load_ms + _ms(t0), 2)}
+
     def _resume(
         self,
         t0: float,
@@ -471,9 +526,12 @@ class VM:
         ready_timeout: float,
         handoff_timeout: float,
     ) -> None:
-        """Patch this fork's data in, resume it, wait for the guest's signals."""
+        """Patch this fork's data in, resume it, wait for the guest's signals.
+        A pre-warmed fork (running) is stopped first; its session stays."""
         qemu, net = self._qemu, self._net
         assert qemu is not None
+        if self.state == "running":
+            qemu.cmd("stop")
         t_patch = time.monotonic()
         self.generation = secrets.randbits(52) | 1
         self._patch({mbx.SYSTEM_MAILBOX: self._system_payload(net, acks), **user_payloads})
@@ -497,7 +555,8 @@ class VM:
             )
         self.timings["guest_resume_ms"] = float(fields.get("resume_ms", "nan"))
         self.timings["guest_ready_ms"] = _ms(t0)
-        self._agent = AgentClient(qemu.ctl_path)
+        if self._agent is None:  # after the ready signal: a session opened during the resume
+            self._agent = AgentClient(qemu.ctl_path)  # competes with it for the vCPU (measured: slower)
         if net is not None:
             self._handoff(net, handoff_timeout, t_cont)
         for name, timeout in acks.items():
@@ -605,14 +664,15 @@ def fork(
     network: Network = None,
     ready_timeout: float = DEFAULT_READY_TIMEOUT,
     handoff_timeout: float = DEFAULT_HANDOFF_TIMEOUT,
-    pool: "WarmPool | None" = None,  # pytest_vmfork.pool.WarmPool
+    pool: Pool | None = None,
 ) -> VM:
     """Restore a new VM from ``snapshot`` and return it once the guest is ready.
 
     ``mailboxes`` maps names the snapshot offers to JSON objects (or
     MailboxPayload). ``network`` is "none" (default), "user" or a RunNetwork
     that is up. With a ``pool`` (a WarmPool of this snapshot and network) the
-    fork starts from a QEMU that already loaded the device state. The returned
+    fork starts from a QEMU the pool restored and pre-warmed ahead of the
+    request (see :meth:`VM._prewarm`), when it has one ready. The returned
     VM must be closed (``with fork(snap) as vm: ...``); on any failure the
     half-started fork is torn down before the error propagates.
     """
@@ -627,8 +687,10 @@ def fork(
             "has no network; use --vmfork-network=tap or user"
         )
     vm = pool.take(snapshot, network) if pool is not None else None
-    if vm is not None:  # spawned and loaded before the request: those stages cost it nothing
-        vm.timings.update(pooled=True, prepare_ms=vm.timings["load_ms"], spawn_ms=0.0, load_ms=0.0)
+    if vm is not None:  # restored before the request: those stages cost it nothing
+        vm.timings = {"pooled": True, "prewarmed": vm.state == "running",
+                      "prepare_ms": vm.timings.get("prepare_ms", vm.timings["load_ms"]),
+                      "pool_wait_ms": vm.timings.get("pool_wait_ms", 0.0), "spawn_ms": 0.0, "load_ms": 0.0}
     else:
         own_run = run is None
         run = run or Run()

@@ -22,8 +22,10 @@ is only removed with ``include_kept=True``.
 What gc reads is trusted only from a verified private run root
 (:mod:`pytest_vmfork.private`), and a process is killed only if it is a QEMU of
 ours: the recorded start time, argv[0] ``qemu-system-*``, ``-name
-vmfork-<the VM's name>`` and this uid (a forged ``handles.json`` naming any
-other process is reported and left alone).
+vmfork-<the VM's name>`` and this uid or the unprivileged one our QEMUs run as
+(:mod:`pytest_vmfork.confine`: the one recorded in the VM's handles, or
+``vmfork-qemu``); a forged ``handles.json`` naming any other process is
+reported and left alone.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from typing import Any, Callable, Container
 
 from filelock import FileLock, Timeout
 
+from . import confine, private
 from . import leases as lz
-from . import private
 from .errors import ConfigError, VMForkError
 
 #: Seconds a lock may be waited for; gc never blocks a live run for longer.
@@ -246,10 +248,23 @@ def _judge_qemu(q: _Qemu) -> str | None:
     return None
 
 
-def _qemu_of_ours(pid: int, start: int, name: object) -> str | None:
+def _qemu_uids(recorded: object) -> set[int]:
+    """The uids a QEMU of ours may run as: this one, the default QEMU user's, and
+    the one its (trusted) handles recorded, never root unless we are root."""
+    uids = {os.geteuid()}
+    default = confine.default_uid()
+    if default is not None:
+        uids.add(default)
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+        uids.add(recorded)
+    return uids
+
+
+def _qemu_of_ours(pid: int, start: int, name: object, qemu_uid: object = None) -> str | None:
     """None if ``pid`` is the QEMU we started for VM ``name``: the same start
     time, argv[0] ``qemu-system-*``, ``-name vmfork-<name>``, and running as this
-    uid; else why not. A forged handles.json cannot make gc kill anything else."""
+    uid or our QEMU user's (:func:`_qemu_uids`); else why not. A forged
+    handles.json cannot make gc kill anything else."""
     st = _stat(pid)
     if st is None or st.start != start:
         return "it is not the process recorded (gone, or another start time)"
@@ -263,13 +278,14 @@ def _qemu_of_ours(pid: int, start: int, name: object) -> str | None:
     names = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == b"-name"]
     if not isinstance(name, str) or [n.split(b",")[0] for n in names] != [f"vmfork-{name}".encode()]:
         return f"its -name {names[:1]!r} is not vmfork-{name}"
-    uid = next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), None)
-    if uid != str(os.geteuid()):
-        return f"it runs as uid {uid}, not {os.geteuid()}"
+    uids = _qemu_uids(qemu_uid)
+    uid = next((line.split()[1:4] for line in status.splitlines() if line.startswith("Uid:")), None)
+    if not uid or any(u not in {str(n) for n in uids} for u in uid):
+        return f"it runs as uid {' '.join(uid or ['?'])}, not as {' or '.join(map(str, sorted(uids)))}"
     return None
 
 
-def _kill(pid: int, start: int, name: str) -> str | None:
+def _kill(pid: int, start: int, name: str, qemu_uid: object = None) -> str | None:
     """SIGKILL ``pid`` if it is still our QEMU of VM ``name`` that started at
     ``start`` and wait for it to exit; None on success (or if it is gone), else
     why not."""
@@ -283,7 +299,7 @@ def _kill(pid: int, start: int, name: str) -> str | None:
         st = _stat(pid)  # after pidfd_open: the pidfd pins this exact process
         if st is None or st.start != start:
             return None  # exited (and the PID maybe reused) since the scan
-        foreign = _qemu_of_ours(pid, start, name)
+        foreign = _qemu_of_ours(pid, start, name, qemu_uid)
         if foreign is not None:
             return f"not a QEMU of ours: {foreign}"
         try:
@@ -349,7 +365,7 @@ class _Gc:
             if self.dry_run:
                 self.report.remove("vmm", name, q.orphan)
                 continue
-            why = _kill(q.pid, q.start, q.name)
+            why = _kill(q.pid, q.start, q.name, (_read_json(q.vm_dir / "handles.json") or {}).get("qemu_uid"))
             if why is None:
                 self.report.remove("vmm", name, q.orphan)
             else:
@@ -385,7 +401,7 @@ class _Gc:
         if any(q.pid == pid for q in self.qemus):
             return not self._failed_kill_in(vm_dir)
         name = f"pid {pid} ({handles.get('name', vm_dir.name)})"
-        foreign = _qemu_of_ours(pid, start, handles.get("name"))
+        foreign = _qemu_of_ours(pid, start, handles.get("name"), handles.get("qemu_uid"))
         if foreign is not None:  # a stale or forged handle: that process is none of ours
             self.report.skip("vmm", name, f"handles.json names it, but it is not a QEMU of ours "
                                           f"({foreign}); left alone")
@@ -393,7 +409,7 @@ class _Gc:
         if self.dry_run:
             self.report.remove("vmm", name, f"owner {why}")
             return True
-        failed = _kill(pid, start, handles.get("name", vm_dir.name))
+        failed = _kill(pid, start, handles.get("name", vm_dir.name), handles.get("qemu_uid"))
         if failed is None:
             self.report.remove("vmm", name, f"owner {why}")
             return True
@@ -709,14 +725,14 @@ def _delete_link_index(index: int | None) -> bool:
         return False
     import errno
 
-    from .network import _iproute, _netlink_code, off_loop
+    from .netlink import iproute, netlink_code, off_loop
 
     def run() -> bool:
-        with _iproute() as ipr:
+        with iproute() as ipr:
             try:
                 ipr.link("del", index=index)
             except Exception as exc:
-                if _netlink_code(exc) == errno.ENODEV:
+                if netlink_code(exc) == errno.ENODEV:
                     return False
                 raise
         return True

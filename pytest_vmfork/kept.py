@@ -63,12 +63,13 @@ def list_kept(cache_dir: Path) -> list[KeptVM]:
     return sorted(found, key=lambda k: k.created)
 
 
-def find_kept(cache_dir: Path, name: str) -> Snapshot:
-    """The kept VM called ``name`` (its short name or its key), loaded and verified."""
+def find_kept(cache_dir: Path, name: str, *, ram_gid: int | None = None) -> Snapshot:
+    """The kept VM called ``name`` (its short name or its key), loaded and verified
+    (``ram_gid``: the QEMU user's group, which may write its RAM file: ``Run.qemu().ram_gid``)."""
     kept = list_kept(cache_dir)
     for k in kept:
         if name in (k.name, k.key):
-            private.verify_cache_entry(k.dir)  # never restore what someone else could have written
+            private.verify_cache_entry(k.dir, ram_gid=ram_gid)  # never restore what someone else could have written
             return Snapshot.load(k.dir)
     have = ", ".join(k.name for k in kept) or "none (run pytest with --vmfork-keep-failed)"
     raise ConfigError(f"no kept VM named {name!r} in {cache_dir}; kept VMs: {have}")

@@ -46,6 +46,7 @@ from filelock import FileLock, Timeout
 
 from . import private
 from .errors import ConfigError, VMForkError
+from .netlink import iproute, off_loop
 
 DEFAULT_POOL = "10.213.0.0/16"
 DEFAULT_PREFIX = 24
@@ -325,13 +326,9 @@ def parse_pool(text: str, prefix: int = DEFAULT_PREFIX) -> list[IPv4Network]:
 def host_networks() -> list[IPv4Network]:
     """Every IPv4 route destination (all tables, default routes excluded) and
     every address's network on the host: subnets a run must not take."""
-    from pyroute2 import IPRoute  # netlink only when actually reading the host
-
-    from .network import off_loop
-
     def read() -> list[IPv4Network]:
         nets: set[IPv4Network] = set()
-        with IPRoute() as ipr:
+        with iproute() as ipr:
             for route in ipr.get_routes(family=socket.AF_INET):
                 dst, length = route.get("dst"), route["dst_len"]
                 if dst and length:  # a default route overlaps everything: not a conflict

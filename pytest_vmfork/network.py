@@ -43,7 +43,6 @@ running one, so every netlink call here goes through :func:`off_loop`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -52,18 +51,19 @@ import os
 import select
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Iterable, Mapping, Sequence
 
 from . import leases as lz
 from .errors import ConfigError, VMForkError
 from .mailbox import parse_ack
+from .netlink import iproute as _iproute
+from .netlink import netlink_code as _netlink_code
+from .netlink import off_loop
 
-T = TypeVar("T")
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -74,38 +74,6 @@ TAP_FLAGS = IFF_TAP | IFF_NO_PI  # no IFF_VNET_HDR: see the module docstring
 CAP_NET_ADMIN = 12
 USER_NET = "10.0.2.0/24"
 NO_CAP_HINT = "run as root (or grant CAP_NET_ADMIN) or use --vmfork-network=user"
-
-
-def off_loop(func: Callable[[], T]) -> T:
-    """Run ``func`` (pyroute2 sync calls) where no asyncio loop is running."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return func()
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = func()
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    worker = threading.Thread(target=target, name="vmfork-netlink")
-    worker.start()
-    worker.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def _iproute() -> Any:
-    from pyroute2 import IPRoute
-
-    return IPRoute()
-
-
-def _netlink_code(exc: BaseException) -> int | None:
-    return getattr(exc, "code", None) if type(exc).__name__ == "NetlinkError" else None
 
 
 def has_net_admin() -> bool:
@@ -233,6 +201,12 @@ class RunNetwork:
     @property
     def gateway(self) -> str:
         return str(self._need().gateway)
+
+    @property
+    def gateway_mac(self) -> str:
+        """The bridge's MAC, fixed at creation (``mac_for(gateway)``): forks get it in
+        their handoff so they need no ARP exchange before their first packet."""
+        return lz.mac_for(self.gateway)
 
     def _need(self) -> lz.SubnetLease:
         if self.lease is None:

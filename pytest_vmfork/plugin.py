@@ -7,32 +7,25 @@ Glue only. Building snapshots and forking VMs live in the library
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import statistics
 import threading
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from filelock import FileLock
 
 from . import private
 from .config import OPTIONS, Settings
-from .errors import BuildError, ConfigError, VMForkError
+from .errors import ConfigError
 from .gc import gc_at_session_start
-from .kept import identity as kept_identity
-from .fork import VM, MailboxPayload, Network, fork
-from .layer import check_name, discard, layer_key, run_layers
-from .pool import WarmPool
-from .network import RunNetwork, has_net_admin
-from .registry import SnapshotRegistry
-from .run import Run, base_dir, new_run_id
-from .snapshot import Snapshot, incompatibility
+from .fork import VM, MailboxPayload
+from .layer import check_name
+from .run import Run, new_run_id
+from .snapshot import Snapshot
+from .session import ITEM_VMS, VMForkSession
 from .template import Template
 
-SESSION_KEY = pytest.StashKey["VMForkSession"]()
-ITEM_VMS = pytest.StashKey[list[VM]]()
+SESSION_KEY = pytest.StashKey[VMForkSession]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,7 +52,8 @@ def pytest_configure(config: pytest.Config) -> None:
     try:  # a cache, run or lease directory someone else can write is refused here
         private.private_dir(settings.cache_dir, "cache directory")
         if workerinput is not None:
-            run = Run(run_id=workerinput["testrunuid"], worker=workerinput["workerid"].replace("gw", "w"))
+            run = Run(run_id=workerinput["testrunuid"], worker=workerinput["workerid"].replace("gw", "w"),
+                      qemu_user=settings.qemu_user)
         else:
             # Never inherit PYTEST_XDIST_TESTRUNUID: a pytest started from inside a
             # worker is another run. Under xdist, hand our id to the workers so the
@@ -67,8 +61,8 @@ def pytest_configure(config: pytest.Config) -> None:
             run_id = new_run_id()
             if getattr(config.option, "testrunuid", "unset") is None:
                 config.option.testrunuid = run_id
-            run = Run(run_id=run_id)
-    except private.PrivateDirError as exc:
+            run = Run(run_id=run_id, qemu_user=settings.qemu_user)
+    except (private.PrivateDirError, ConfigError) as exc:
         raise pytest.UsageError(str(exc)) from exc
     session = config.stash[SESSION_KEY] = VMForkSession(config, settings, run)
     _install_signal_handlers(config)
@@ -106,230 +100,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
         session.close()
-
-
-class VMForkSession:
-    """Per-process state: settings, run directory, snapshots, statistics."""
-
-    def __init__(self, config: pytest.Config, settings: Settings, run: Run) -> None:
-        self.config = config
-        self.settings = settings
-        self.run = run
-        self.registry = SnapshotRegistry(
-            settings.cache_dir, run=run, accel=settings.accel, rebuild=settings.rebuild, progress=self.progress,
-            build=settings.build,
-        )
-        self.foreign: dict[str, Snapshot] = {}  # every snapshot forked from, by key (vm_factory(snapshot=) too)
-        self.restore_ms: list[float] = []
-        self.restore_by_key: dict[str, list[float]] = {}
-        self.forks = 0
-        self.live: set[VM] = set()
-        self.handoff_paths: dict[str, int] = {}
-        self._network: Network = None
-        self._run_network: RunNetwork | None = None
-        self.pools: dict[str, WarmPool] = {}
-        self.messages: list[str] = []
-        self.unshown: list[str] = []
-        self.layers: dict[str, Snapshot] = {}
-
-    def network(self) -> Network:
-        """The forks' network mode, resolved (and a TAP run network brought up) once."""
-        if self._network is None:
-            mode = self.settings.network
-            if mode == "auto":
-                mode = "tap" if has_net_admin() else "user"
-                if mode == "user":
-                    self.progress(
-                        "vmfork: no CAP_NET_ADMIN: forks use QEMU user-mode networking (outbound "
-                        "only; reach a guest port with vm.host_port(port); forks cannot reach each other)"
-                    )
-            if mode == "tap":
-                self._run_network = RunNetwork(
-                    self.run.run_id, pool=self.settings.subnet_pool, lease_root=self.settings.lease_dir
-                ).up()
-                for stale in self._run_network.reclaimed:
-                    self.progress(f"vmfork: reclaimed stale network lease {stale.subnet} of run {stale.run_id}")
-                self._network = self._run_network
-            else:
-                self._network = mode
-        return self._network
-
-    def progress(self, message: str) -> None:
-        """Show a message now (past output capture); xdist workers cannot write to
-        the terminal, so theirs are repeated by the controller in the summary."""
-        self.messages.append(message)
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if hasattr(self.config, "workerinput"):
-            return
-        if reporter is None:  # too early (pytest_configure): shown at session start
-            self.unshown.append(message)
-            return
-        capture = self.config.pluginmanager.get_plugin("capturemanager")
-        if capture is not None:
-            with capture.global_and_fixture_disabled():
-                reporter.write_line(message)
-        else:
-            reporter.write_line(message)
-
-    def snapshot(self, template: Template) -> Snapshot:
-        """``template``'s snapshot: looked up (or booted) once per process, then memoized."""
-        return self.registry.get(template)
-
-    def fork(self, snapshot: Snapshot, mailboxes: dict[str, Any] | None = None) -> VM:
-        network = self.network()
-        pool = self.pools.get(snapshot.key)
-        vm = fork(
-            snapshot,
-            run=self.run,
-            mailboxes=mailboxes,
-            network=network,
-            ready_timeout=self.settings.ready_timeout,
-            handoff_timeout=self.settings.handoff_timeout,
-            pool=pool,
-        )
-        if pool is None and self.settings.pool_size:  # after the first fork proved the snapshot works
-            self.pools[snapshot.key] = WarmPool(snapshot, self.run, network, self.settings.pool_size)
-        self.forks += 1
-        self.restore_ms.append(vm.timings["restore_to_healthy_ms"])
-        self.restore_by_key.setdefault(snapshot.key, []).append(vm.timings["restore_to_healthy_ms"])
-        self.foreign.setdefault(snapshot.key, snapshot)  # the registry's own are dropped in stats()
-        vm.snapshot_manifest["ephemeral"] = True  # a test's vm.snapshot(): gone when the run ends
-        path = vm.timings.get("handoff_path")
-        if path:
-            self.handoff_paths[path] = self.handoff_paths.get(path, 0) + 1
-        self.live.add(vm)
-        return vm
-
-    def layer(self, base: Snapshot, setup: Callable[[VM], Any], *, key: str | None, name: str | None,
-              label: str) -> Snapshot:
-        """The snapshot of ``setup`` run in a fork of ``base``: memoized, from the
-        cache, or built now, once across the run's processes (a file lock per
-        layer key). With a content ``key`` it outlives the run; without, the run's
-        controller removes it when the run ends."""
-        lkey = layer_key(base, setup, key=key, run_id=self.run.run_id)
-        if lkey in self.layers:
-            return self.layers[lkey]
-        final = base.dir.parent / lkey
-        with FileLock(str(final) + ".build.lock"):
-            snap = None
-            if final.exists():
-                try:
-                    private.verify_cache_entry(final)
-                    snap = Snapshot.load(final)
-                except (BuildError, private.PrivateDirError) as exc:
-                    self.progress(f"vmfork: discarding damaged layer {label} ({lkey}): {exc}")
-                    shutil.rmtree(final, ignore_errors=True)
-                else:
-                    why = incompatibility(snap.manifest, base.machine.accel)
-                    if why:  # a cache from another host: same key, other CPU
-                        self.progress(f"vmfork: cached layer {label} does not fit this host ({why}); rebuilding")
-                        snap = None
-            if snap is None:
-                snap = self._build_layer(base, setup, lkey, name or label, label, ephemeral=key is None)
-        self.layers[lkey] = snap
-        return snap
-
-    def _build_layer(self, base: Snapshot, setup: Callable[[VM], Any], lkey: str, name: str, label: str,
-                     *, ephemeral: bool) -> Snapshot:
-        self.progress(f"vmfork: building layer {label} ({lkey}) on snapshot {base.key}")
-        machine = fork(base, run=self.run, network=self.network(), ready_timeout=self.settings.ready_timeout,
-                       handoff_timeout=self.settings.handoff_timeout)
-        try:
-            setup(machine)
-            if machine.state != "running":
-                raise ConfigError(f"layer {label}: its setup left the VM {machine.state}; leave it running")
-            snap = machine._save(name=name, resume=False, key=lkey,
-                                 extra={"layer": label, "layer_key": lkey, "ephemeral": ephemeral})
-        finally:
-            machine.close()
-        t = machine.timings
-        self.progress(f"vmfork: layer {label} saved in {t['snapshot_ms'] / 1000:.1f}s "
-                      f"({t['snapshot_bytes'] / 2**20:.0f} MiB on disk, depth {snap.depth})")
-        return snap
-
-    def release(self, vm: VM, failed: bool, node: pytest.Item | None = None) -> None:
-        self.live.discard(vm)
-        keep = failed and self.settings.keep_failed
-        if not keep:
-            vm.close()
-            return
-        saved = self._keep_snapshot(vm, node)
-        vm.close(keep_files=True)
-        kept = base_dir() / "kept" / f"{self.run.run_id}-{vm.name}"
-        kept.parent.mkdir(mode=private.PRIVATE_MODE, parents=True, exist_ok=True)
-        shutil.move(str(vm.dir), kept)
-        for sock in kept.glob("*.sock"):
-            sock.unlink()
-        files = f"{kept} (console.log = guest console after the restore, qemu.stderr, handles.json)"
-        if saved is None:
-            self.progress(f"vmfork: kept the files of failed VM {vm.name}: {files}")
-            return
-        stock = Path.home() / ".cache" / "pytest-vmfork"  # the CLI's default when nothing is set
-        cache = "" if self.settings.cache_dir == stock else f" --cache-dir {self.settings.cache_dir}"
-        self.progress(
-            f"vmfork: kept failed VM {vm.name} of {node.nodeid if node else '?'} as {saved.name!r} "
-            f"({saved.dir}); step in with: vmfork exec{cache} {saved.name} -- sh -c '...'  "
-            f"(`vmfork kept` lists kept VMs, `vmfork gc --kept` removes them); its files: {files}"
-        )
-
-    def _keep_snapshot(self, vm: VM, node: pytest.Item | None) -> Snapshot | None:
-        """Save a failed test's running fork as a kept snapshot; None if it cannot be."""
-        if vm.state != "running" or node is None:
-            return None
-        made = node.stash.get(ITEM_VMS, [])
-        index = made.index(vm) if vm in made else 0
-        key, name = kept_identity(node.nodeid, index)
-        try:
-            return vm._save(name=name, resume=False, key=key, extra={
-                "ephemeral": False,
-                "kept": {"test": node.nodeid, "run_id": self.run.run_id, "vm": vm.name},
-            })
-        except VMForkError as exc:
-            self.progress(f"vmfork: could not save failed VM {vm.name} as a snapshot: {exc}")
-            return None
-
-    def close(self) -> None:
-        for vm in list(self.live):
-            vm.close()
-        self.live.clear()
-        for pool in self.pools.values():
-            pool.close()
-        self.pools.clear()
-        if self._run_network is not None:
-            self._run_network.down()  # the last xdist worker of the run deletes the bridge
-        if not hasattr(self.config, "workerinput"):  # the run ends: its own snapshots go
-            for entry in run_layers(self.settings.cache_dir / "snapshots", self.run.run_id):
-                discard(entry)
-        if not hasattr(self.config, "workerinput") or not any(self.run.dir.iterdir()):
-            self.run.remove()
-
-    def stats(self) -> dict[str, Any]:
-        entries = self.registry.entries()
-        known = {e.snapshot.key for e in entries}
-        return {
-            "forks": self.forks,
-            "restore_ms": self.restore_ms,
-            "handoff_paths": self.handoff_paths,
-            "messages": self.messages,
-            "snapshots": [
-                self._snapshot_stats(e.snapshot, e.description) for e in entries
-            ] + [
-                self._snapshot_stats(s, _describe_foreign(s)) for key, s in self.foreign.items() if key not in known
-            ],
-        }
-
-    def _snapshot_stats(self, snap: Snapshot, template: str) -> dict[str, Any]:
-        return {"key": snap.key, "template": template, "cache_hit": snap.cache_hit, "build_s": snap.build_s,
-                "boot_s": snap.boot_s, "restore_ms": self.restore_by_key.get(snap.key, []), "depth": snap.depth}
-
-
-def _describe_foreign(s: Snapshot) -> str:
-    """A snapshot no template of this run names: a layer (vm.snapshot()) or one given to vm_factory."""
-    if s.depth:
-        label = s.manifest.get("layer") or s.name or "vm.snapshot()"
-        return f"layer {label!r}, depth {s.depth}, saved from snapshot {s.parent}"
-    return (f"{s.machine.memory_mib} MiB, {s.machine.vcpus} vCPU, "
-            f"{len(s.mailboxes)} mailboxes (a Snapshot given to vm_factory)")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -523,9 +293,11 @@ def merge_snapshot_stats(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
         built = not snap["cache_hit"]
         have = merged.get(snap["key"])
         if have is None:
-            merged[snap["key"]] = {**snap, "restore_ms": list(snap.get("restore_ms", [])), "builds": int(built)}
+            merged[snap["key"]] = {**snap, "restore_ms": list(snap.get("restore_ms", [])),
+                                   "first_result_ms": list(snap.get("first_result_ms", [])), "builds": int(built)}
             continue
         have["restore_ms"] += snap.get("restore_ms", [])
+        have["first_result_ms"] += snap.get("first_result_ms", [])
         have["builds"] += built
         if built and have["cache_hit"]:
             have.update(cache_hit=False, build_s=snap["build_s"], boot_s=snap["boot_s"])
@@ -541,6 +313,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         stats["forks"] += worker["forks"]
         stats["restore_ms"] += worker["restore_ms"]
         stats["snapshots"] += worker["snapshots"]
+        for key in ("first_result_ms", "first_exec_ms", "pool_errors"):
+            stats[key] += worker.get(key, [])
+        stats["prewarmed"] += worker.get("prewarmed", 0)
         for path, n in worker.get("handoff_paths", {}).items():
             stats["handoff_paths"][path] = stats["handoff_paths"].get(path, 0) + n
     worker_messages = [m for w in getattr(config, "_vmfork_worker_stats", []) for m in w.get("messages", [])]
@@ -564,11 +339,26 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         if snap["restore_ms"]:
             p50, p95, _ = _percentiles(snap["restore_ms"])
             write(f"  {len(snap['restore_ms'])} forks, restore-to-healthy p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+            if snap.get("first_result_ms"):
+                f50, f95, _ = _percentiles(snap["first_result_ms"])
+                write(f"  fork + first exec p50 {f50:.0f} ms, p95 {f95:.0f} ms "
+                      f"({len(snap['first_result_ms'])} forks ran a command)")
         else:
             write("  no forks")
     if stats["restore_ms"]:
         p50, p95, top = _percentiles(stats["restore_ms"])
         write(f"forks: {len(stats['restore_ms'])}  restore-to-healthy p50 {p50:.0f} ms  p95 {p95:.0f} ms  max {top:.0f} ms")
+        first = stats["first_result_ms"]
+        if first:  # what a test waits for its first result: the fork, then its first command
+            f50, f95, ftop = _percentiles(first)
+            e50 = statistics.median(stats["first_exec_ms"])
+            write(f"fork + first exec ({len(first)} forks ran a command): p50 {f50:.0f} ms  p95 {f95:.0f} ms  "
+                  f"max {ftop:.0f} ms  (first exec alone p50 {e50:.0f} ms)")
+        if stats["prewarmed"] or stats["pool_errors"]:
+            write(f"warm pool: {stats['prewarmed']} of {stats['forks']} forks came pre-warmed, "
+                  f"{stats['forks'] - stats['prewarmed']} forked cold")
+        for error in dict.fromkeys(stats["pool_errors"]):
+            write(f"warm pool: {error}")
         paths = stats["handoff_paths"]
         if paths:
             fallback = paths.get("grpc-fallback", 0)
@@ -576,7 +366,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
                   + ("  <-- the guest's UDP ack did not arrive in time; see vm.timings" if fallback else ""))
         boot = [s["boot_s"] for s in snapshots if s["boot_s"]]
         if boot:
-            write(f"cold boot / fork restore (p50): {max(boot) * 1000 / p50:.0f}x")
+            line = f"cold boot / fork restore (p50): {max(boot) * 1000 / p50:.0f}x"
+            if first:
+                line += f"; cold boot / fork + first exec (p50): {max(boot) * 1000 / f50:.0f}x"
+            write(line)
 
 
 @pytest.hookimpl(optionalhook=True)

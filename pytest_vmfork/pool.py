@@ -3,76 +3,103 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from .errors import ConfigError
-from .fork import VM, Network
+from .fork import DEFAULT_HANDOFF_TIMEOUT, DEFAULT_READY_TIMEOUT, VM, Network
 from .run import Run
 from .snapshot import Snapshot
 
 
 class WarmPool:
-    """A few forks started ahead of time, device state loaded, vCPUs stopped.
+    """A few forks restored ahead of time and pre-warmed, waiting for a request.
 
-    Spawning QEMU, the QMP handshake and loading the device state take ~60-70 ms
-    under TCG and are the same for every fork of a snapshot, so they are done
-    before the fork request; only the per-fork data (mailboxes) and the resume
-    remain. Bounded (``size``), refilled by a background thread, and closed like
-    any VM: pooled QEMUs carry PR_SET_PDEATHSIG too.
+    Under TCG a fresh QEMU translates every guest code path anew, so a fork's
+    first resume and first command cost far more than any later one (~250 ms
+    vs ~20 ms for an exec, tests/bench). The pool's forks pay that before any
+    request: spawned, device state loaded, resumed once with no payloads, one
+    command run (:meth:`VM._prewarm`). A request stops one, patches its
+    payloads, entropy, clock and generation in and resumes it (its network
+    handoff too), like ``vm.deliver()``. Bounded (``size``), refilled by a
+    background thread, closed like any VM (pooled QEMUs carry PR_SET_PDEATHSIG).
+    An empty pool means a cold fork, never a wait.
     """
 
-    def __init__(self, snapshot: Snapshot, run: Run, network: Network, size: int = 1) -> None:
+    def __init__(self, snapshot: Snapshot, run: Run, network: Network, size: int = 1, *,
+                 ready_timeout: float = DEFAULT_READY_TIMEOUT,
+                 handoff_timeout: float = DEFAULT_HANDOFF_TIMEOUT) -> None:
         if not isinstance(size, int) or not 0 <= size <= 8:
             raise ConfigError(f"pool size {size!r}: use 0 to 8 pre-started forks")
         self.snapshot, self.run, self.network, self.size = snapshot, run, network, size
+        self.ready_timeout, self.handoff_timeout = ready_timeout, handoff_timeout
         self._ready: list[VM] = []
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._filling = bool(size)  # a VM is being restored and pre-warmed (the first: from the start)
+        self._cond = threading.Condition()
         self._closed = False
         self.failures = 0
+        self.last_error: str | None = None  # why the last fill failed (reported by the plugin)
         self._thread = threading.Thread(target=self._fill, name="vmfork-pool", daemon=True)
         if size:
             self._thread.start()
 
     def take(self, snapshot: Snapshot, network: Network) -> VM | None:
-        """A prepared VM for this snapshot and network, or None (fork cold)."""
-        if snapshot is not self.snapshot or network is not self.network:
+        """A pre-warmed VM for this snapshot and network, or None (fork cold).
+
+        When none is ready but one is being pre-warmed, wait for it (at most
+        ``ready_timeout``): it started before this request, so it is ready
+        sooner than a cold fork would be, and a cold fork beside it would only
+        slow both down (each translates the guest's code paths anew). The wait
+        is part of the fork's ``restore_to_healthy_ms`` and is reported as
+        ``pool_wait_ms``."""
+        if snapshot is not self.snapshot or network != self.network or not self.size:
             return None
-        with self._lock:
+        t0 = time.monotonic()
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready or not self._filling or self._closed,
+                                timeout=self.ready_timeout)
             vm = self._ready.pop(0) if self._ready else None
-        self._wake.set()
-        if vm is not None and not vm.alive():
+            self._cond.notify_all()  # the filler: room for the next one
+        if vm is None:
+            return None
+        if not vm.alive():
             vm.close()
             return None
+        vm.timings["pool_wait_ms"] = round((time.monotonic() - t0) * 1000, 2)
         return vm
 
     def _fill(self) -> None:
-        while not self._closed:
-            with self._lock:
-                missing = self.size - len(self._ready)
-            if missing <= 0 or self.failures >= 3:
-                self._wake.wait()
-                self._wake.clear()
-                continue
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or (len(self._ready) < self.size and self.failures < 3))
+                if self._closed:
+                    return
+                self._filling = True
             name, workdir = self.run.new_vm_dir("p")
             vm = VM(name, self.snapshot, self.run, workdir)
             try:
                 vm._prepare(self.network)
-            except Exception:
+                vm._prewarm(self.ready_timeout, self.handoff_timeout)
+            except Exception as exc:
                 self.failures += 1  # a broken pool must not spin; forks then start cold
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 vm.close()
-                continue
-            with self._lock:
-                if self._closed:
-                    vm.close()
-                    return
-                self._ready.append(vm)
+                vm = None
+            with self._cond:
+                self._filling = False
+                if vm is not None:
+                    if self._closed:
+                        vm.close()
+                        return
+                    self._ready.append(vm)
+                self._cond.notify_all()
 
     def close(self) -> None:
-        self._closed = True
-        self._wake.set()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(30)
-        with self._lock:
+        with self._cond:
             ready, self._ready = self._ready, []
         for vm in ready:
             vm.close()

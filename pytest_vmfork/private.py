@@ -14,7 +14,10 @@ Files inside are created without following symlinks (``O_NOFOLLOW`` and
 
 :func:`verify_cache_entry` is the check for a cache entry (an image or a
 snapshot directory) before it is restored: an entry someone else can write is
-never used.
+never used. The one exception is a snapshot's guest RAM file (:data:`RAM_FILE`):
+QEMU 7.2 opens it read-write even to map it privately, so when QEMU runs as an
+unprivileged user (:mod:`pytest_vmfork.confine`) that user's group may write it,
+and exactly that group is accepted there.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import confine
 from .errors import VMForkError
 
 #: Mode of every directory pytest-vmfork creates for itself.
 PRIVATE_MODE = 0o700
+#: A snapshot's guest RAM file, which the QEMU user's group may write.
+RAM_FILE = "memory.ram"
 
 
 class PrivateDirError(VMForkError):
@@ -92,10 +98,12 @@ def private_dir(path: Path | str, what: str, *, create: bool = True) -> Path:
     return path
 
 
-def verify_cache_entry(path: Path | str) -> None:
+def verify_cache_entry(path: Path | str, *, ram_gid: int | None = None) -> None:
     """Refuse (PrivateDirError) a cache entry (an image or snapshot directory) that
     someone else could have written: the directory and every file in it must be
-    owned by this uid, not symlinks, and not writable by group or others.
+    owned by this uid, not symlinks, and not writable by group or others, except
+    that a :data:`RAM_FILE` may be writable by group ``ram_gid`` (the QEMU user's:
+    ``Run.qemu().ram_gid``; None accepts no group write at all).
 
     Call it before restoring an entry; a refused entry is treated like a damaged
     one (discarded and rebuilt)."""
@@ -108,7 +116,8 @@ def verify_cache_entry(path: Path | str) -> None:
             st = os.lstat(child)
             if stat.S_ISLNK(st.st_mode):
                 raise PrivateDirError(f"cache entry {path}: {child} is a symlink; remove the entry to rebuild it")
-            if st.st_uid != uid or st.st_mode & 0o022:
+            qemu_may_write = name == RAM_FILE and ram_gid is not None and st.st_gid == ram_gid
+            if st.st_uid != uid or st.st_mode & (0o002 if qemu_may_write else 0o022):
                 raise PrivateDirError(
                     f"cache entry {path}: {child} is writable by someone else (owner uid {st.st_uid}, "
                     f"mode {stat.S_IMODE(st.st_mode):04o}); remove the entry to rebuild it")
@@ -116,13 +125,17 @@ def verify_cache_entry(path: Path | str) -> None:
 
 def seal(path: Path | str) -> None:
     """Take group and other write off a freshly built cache entry (a umask of 002 would
-    leave them on), so :func:`verify_cache_entry` accepts what we built ourselves."""
+    leave them on), so :func:`verify_cache_entry` accepts what we built ourselves.
+    A :data:`RAM_FILE` keeps the group write we gave the QEMU group
+    (``confine.RAM_GROUP``; not our own group, which a umask could have given it)."""
+    ram_gid = confine.ram_group_gid()
     for dirpath, dirnames, filenames in os.walk(path):
         for name in (".", *dirnames, *filenames):
             child = os.path.join(dirpath, name)
             st = os.lstat(child)
-            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
-                os.chmod(child, stat.S_IMODE(st.st_mode) & ~0o022)
+            keep = 0o020 if name == RAM_FILE and st.st_gid == ram_gid != os.getegid() else 0
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022 & ~keep:
+                os.chmod(child, stat.S_IMODE(st.st_mode) & ~(0o022 & ~keep))
 
 
 def create_file(path: Path | str, data: bytes, *, exclusive: bool = False) -> None:

@@ -178,7 +178,13 @@ def mmdebstrap_argv(*, packages: Sequence[str], mode: BuildMode, apt: AptConfig,
     argv += [f"--dpkgopt=path-exclude={p}" for p in PATH_EXCLUDES]
     argv += [f"--dpkgopt=path-include={p}" for p in PATH_INCLUDES]
     argv += [f"--customize-hook={h}" for h in hooks]
-    return [*argv, GUEST_SUITE, str(out_tar), *apt.sources]
+    argv = [*argv, GUEST_SUITE, str(out_tar), *apt.sources]
+    if mode.name == "root":
+        # Root mode mounts /proc, /sys and /dev into its chroot. In a mount namespace of
+        # its own those mounts vanish with it, even if it is SIGKILLed mid-build (no
+        # stale mounts left in the cache's staging directory), and never show on the host.
+        argv = ["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child", "--", *argv]
+    return argv
 
 
 def build_tarball(*, packages: Sequence[str], mode: BuildMode, apt: AptConfig, overlay: Path,

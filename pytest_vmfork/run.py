@@ -17,13 +17,14 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from . import private
+from . import confine, private
 from .leases import boot_id, process_start_time
 
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
+_qemu_lock = threading.Lock()  # resolving the QEMU user may run useradd
 
 
 def base_dir() -> Path:
@@ -37,13 +38,24 @@ def new_run_id() -> str:
 
 @dataclass
 class Run:
-    """A run's directory; ``worker`` tells xdist workers' VMs apart."""
+    """A run's directory; ``worker`` tells xdist workers' VMs apart.
+
+    ``qemu_user`` says who every QEMU of the run (template boots, forks, warm
+    pool) runs as when the run is root's (see :mod:`pytest_vmfork.confine`):
+    None for the unprivileged ``vmfork-qemu`` (created on first use), a user
+    name, or ``"root"`` to keep uid 0; unset, ``$VMFORK_QEMU_USER``. A named user
+    is checked here, before any VM."""
 
     run_id: str = field(default_factory=new_run_id)
     worker: str = "m"
     root: Path | None = None
+    qemu_user: str | None = field(default_factory=lambda: os.environ.get("VMFORK_QEMU_USER") or None)
+    _qemu: confine.QemuUser | None = field(default=None, init=False, repr=False, compare=False)
+    _reported: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.qemu_user = confine.check_setting(self.qemu_user)
+        confine.check_user(self.qemu_user)
         self.root = base_dir() if self.root is None else private.private_dir(self.root, "run directory base")
         self.dir.mkdir(mode=private.PRIVATE_MODE, exist_ok=True)
         try:  # the first process of the run (the xdist controller) owns it
@@ -66,6 +78,18 @@ class Run:
         path = self.dir / name
         path.mkdir(mode=private.PRIVATE_MODE)
         return name, path
+
+    def qemu(self, progress: Callable[[str], None] | None = None) -> confine.QemuUser:
+        """Who this run's QEMUs run as; resolved (the default user created) on first
+        use and reported once through the first ``progress`` given."""
+        with _qemu_lock:
+            if self._qemu is None:
+                self._qemu = confine.resolve(self.qemu_user, progress=progress)
+            user, report = self._qemu, progress is not None and not self._reported
+            self._reported |= report
+        if report and progress is not None:
+            progress(user.describe())
+        return user
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

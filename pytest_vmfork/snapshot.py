@@ -35,6 +35,7 @@ from . import private
 from .agent import AgentClient
 from .errors import BuildError, ConfigError, VMForkError
 from .run import Run
+from .confine import Handoff
 from .template import Template
 from .vmm import MachineSpec, QemuProcess, cpu_fingerprint, machine_type, qemu_version
 
@@ -238,7 +239,7 @@ class SnapshotStore:
         with FileLock(str(final) + ".lock"):
             if final.exists():
                 try:
-                    private.verify_cache_entry(final)
+                    private.verify_cache_entry(final, ram_gid=run.qemu(self.progress).ram_gid)
                     snap = Snapshot.load(final)
                 except (BuildError, private.PrivateDirError) as exc:
                     self.progress(f"vmfork: discarding damaged snapshot {key}: {exc}")
@@ -284,17 +285,23 @@ class SnapshotStore:
         )
         mem_path = staging / "memory.ram"
         name, workdir = run.new_vm_dir("t")
-        argv = machine.argv(
-            workdir=workdir,
-            mem_path=mem_path,
-            shared=True,
-            incoming=False,
-            netdev=["type=hubport", "hubid=0"],
-            mac=TEMPLATE_MAC,
-            name=name,
-        )
+        handoff = Handoff(run.qemu(self.progress))
+        try:
+            argv = machine.argv(
+                handoff=handoff,
+                workdir=workdir,
+                mem_path=mem_path,
+                shared=True,
+                incoming=False,
+                netdev=["type=hubport", "hubid=0"],
+                mac=TEMPLATE_MAC,
+                name=name,
+            )
+        except BaseException:
+            handoff.close()
+            raise
         self.progress(f"vmfork: booting template {name} ({template.memory_mib} MiB, {self.accel})")
-        qemu = QemuProcess.start(argv, workdir, name)
+        qemu = QemuProcess.start(argv, workdir, name, handoff=handoff)
         agent: AgentClient | None = None
         try:
             t_boot = time.monotonic()

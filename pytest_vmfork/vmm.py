@@ -6,9 +6,10 @@ how to talk to it; it knows nothing of snapshots' caching or of pytest.
 Durable description (``MachineSpec``: what the VM is) is kept apart from the
 transient handle (``QemuProcess``: a PID, sockets, a console file).
 
-All QEMU sockets are *listened on by us* and connected to by QEMU at start-up
-(QMP, the event channel and the ctl channel), so there is no polling for a
-socket file to appear: the ``accept`` completes the moment QEMU is up.
+QEMU opens no path of ours (:mod:`pytest_vmfork.confine`): its QMP, event and
+ctl channels are socketpairs made before the spawn (so there is no polling for
+a socket file: the QMP greeting arrives the moment QEMU is up), and its files
+are inherited descriptors. Started by root, it runs as an unprivileged user.
 
 Because QEMU's ctl connection exists before the device state is loaded, the
 guest never sees the virtio-serial port's host side close or open across a
@@ -21,11 +22,11 @@ restore or a client reconnect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import os
 import re
-import resource
 import secrets
 import shutil
 import signal
@@ -41,6 +42,7 @@ from typing import Any, Callable
 from qemu.qmp import QMPClient
 
 from . import _loop
+from .confine import Handoff
 from .errors import ConfigError, RestoreError
 from .leases import process_start_time
 
@@ -75,6 +77,8 @@ FORK_FILE_LIMIT = 8 * 1024 * 1024
 #: the first exec and doubled it). Host memory only, not in the device state, so
 #: a snapshot restores under any size. 0 keeps QEMU's default. README "Measured".
 TCG_TB_SIZE_MIB = 128
+#: Seconds a QEMU that closed its channels gets to exit before it is called alive.
+EXIT_GRACE_S = 2.0
 
 
 class EventChannelError(EOFError):
@@ -96,6 +100,7 @@ class MachineSpec:
     def argv(
         self,
         *,
+        handoff: Handoff,
         workdir: Path,
         mem_path: Path,
         shared: bool,
@@ -104,8 +109,19 @@ class MachineSpec:
         mac: str,
         name: str,
     ) -> list[str]:
-        """The QEMU command line; identical device layout for template and forks."""
+        """The QEMU command line; identical device layout for template and forks.
+
+        Every file and socket is opened here into ``handoff`` (QEMU inherits them;
+        it needs no access to ``workdir`` or the cache). A template (``shared``)
+        creates its RAM file ``mem_path``; a fork maps the snapshot's privately."""
         accel = accel_option(self.accel, self.vcpus)
+        if self.accel == "kvm":
+            handoff.user.require_kvm()
+        ram = handoff.ram(mem_path, self.memory_mib * 1024 * 1024, create=shared)
+        console = handoff.fdset(workdir / "console.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        rootfs = handoff.fdset(self.rootfs, os.O_RDONLY)
+        kernel, initrd = handoff.image(self.kernel), handoff.image(self.initrd)
+        ctl, evt, qmp = (handoff.socket(chan) for chan in ("ctl", "evt", "qmp"))
         argv = [
             QEMU_BINARY,
             "-name", f"vmfork-{name},debug-threads=on",
@@ -115,26 +131,27 @@ class MachineSpec:
             "-smp", str(self.vcpus),
             "-m", f"{self.memory_mib}M",
             "-object",
-            f"memory-backend-file,id=ram0,size={self.memory_mib}M,mem-path={mem_path},"
+            f"memory-backend-file,id=ram0,size={self.memory_mib}M,mem-path={ram},"
             f"share={'on' if shared else 'off'}",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-chardev", f"file,id=con,path={workdir / 'console.log'}",
+            *handoff.options,
+            "-chardev", f"file,id=con,path={console}",
             "-serial", "chardev:con",
-            "-kernel", str(self.kernel),
-            "-initrd", str(self.initrd),
+            "-kernel", kernel,
+            "-initrd", initrd,
             "-append", self.cmdline,
-            "-drive", f"file={self.rootfs},if=none,id=root,format=raw,readonly=on",
+            "-drive", f"file={rootfs},if=none,id=root,format=raw,readonly=on",
             "-device", "virtio-blk-pci,drive=root",
             "-device", "virtio-serial-pci,id=vser",
-            "-chardev", f"socket,id=ctl,path={workdir / 'ctl-qemu.sock'}",
+            "-chardev", f"socket,id=ctl,fd={ctl}",
             "-device", f"virtserialport,chardev=ctl,name={PORT_CTL}",
-            "-chardev", f"socket,id=evt,path={workdir / 'evt.sock'}",
+            "-chardev", f"socket,id=evt,fd={evt}",
             "-device", f"virtserialport,chardev=evt,name={PORT_EVT}",
             "-device", "virtio-rng-pci",
             "-device", f"vmgenid,guid={uuid.uuid4()}",
             "-netdev", ",".join(["id=net0", *netdev]),
             "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
-            "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'}",
+            "-chardev", f"socket,id=qmp,fd={qmp}",
             "-mon", "chardev=qmp,mode=control",
             "-sandbox", SANDBOX,
         ]
@@ -218,6 +235,7 @@ class QemuProcess:
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=EVENT_LINES_KEPT))
     fault: str | None = None  # why the guest's event channel was cut off
     file_limit: int | None = None  # RLIMIT_FSIZE: the console log's bound
+    uid: int | None = None  # the uid QEMU runs as (confine.QemuUser)
     _line_waiters: list[tuple[Callable[[dict[str, str]], bool], asyncio.Future[dict[str, str]]]] = field(
         default_factory=list
     )
@@ -225,6 +243,10 @@ class QemuProcess:
     _tasks: list[asyncio.Future[None]] = field(default_factory=list)
     _client: asyncio.StreamWriter | None = None
     _sid: int = 0
+    #: the current control session: when its client connected, and when the guest's
+    #: first bytes for it (the gRPC server's HTTP/2 SETTINGS) came back (monotonic)
+    session_opened: float | None = None
+    session_up: float | None = None
     _servers: list[asyncio.AbstractServer] = field(default_factory=list)
     killed: bool = False
 
@@ -242,77 +264,68 @@ class QemuProcess:
 
     @classmethod
     def start(
-        cls, argv: list[str], workdir: Path, name: str, *, timeout: float = 20.0, pass_fds: tuple[int, ...] = (),
-        file_limit: int | None = None,
+        cls, argv: list[str], workdir: Path, name: str, *, handoff: Handoff, timeout: float = 20.0,
+        pass_fds: tuple[int, ...] = (), file_limit: int | None = None,
     ) -> "QemuProcess":
-        """Spawn QEMU and wait until it has connected its QMP and event sockets.
-        ``pass_fds`` are inherited by QEMU (a TAP fd); the caller closes its copies.
+        """Spawn QEMU as ``handoff.user`` and wait until its QMP monitor is up.
+        ``argv`` was built with ``handoff`` (its descriptors are inherited; this
+        process's copies are released, or everything closed if the start fails).
+        ``pass_fds`` are inherited too (a TAP fd); the caller closes its copies.
         ``file_limit`` bounds every file QEMU writes (RLIMIT_FSIZE; a fork's
         console log), set before QEMU has run the guest at all."""
-        return _loop.run(cls._start(argv, workdir, name, timeout, pass_fds, file_limit), timeout=timeout + 5)
+        try:
+            return _loop.run(cls._start(argv, workdir, name, timeout, handoff, pass_fds, file_limit),
+                             timeout=timeout + 5)
+        except BaseException:
+            handoff.close()
+            raise
 
     @classmethod
     async def _start(
-        cls, argv: list[str], workdir: Path, name: str, timeout: float, pass_fds: tuple[int, ...],
-        file_limit: int | None,
+        cls, argv: list[str], workdir: Path, name: str, timeout: float, handoff: Handoff,
+        pass_fds: tuple[int, ...], file_limit: int | None,
     ) -> "QemuProcess":
-        loop = asyncio.get_running_loop()
-        conns: dict[str, asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
-        servers = []
-        for chan in ("evt", "ctl-qemu"):
-            conns[chan] = fut = loop.create_future()
-
-            async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter, fut: Any = fut) -> None:
-                if not fut.done():
-                    fut.set_result((r, w))
-                else:
-                    w.close()
-
-            servers.append(await asyncio.start_unix_server(on_conn, path=str(workdir / f"{chan}.sock")))
         qmp = QMPClient(name)
-        await qmp.start_server(str(workdir / "qmp.sock"))
         log = os.fdopen(os.open(workdir / "qemu.stderr", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                 | os.O_CLOEXEC, 0o600), "wb")
+        # prlimit sets the file size limit before anything runs (as us: raising or setting
+        # another uid's limit later needs CAP_SYS_RESOURCE); setpriv drops root
+        # (confine.QemuUser.prefix) and then sets PR_SET_PDEATHSIG: QEMU dies with this
+        # (long-lived) thread, so a killed pytest worker cannot leave VMs behind.
+        limit = [] if file_limit is None else ["prlimit", f"--fsize={file_limit}:{file_limit}", "--"]
         try:
-            # setpriv sets PR_SET_PDEATHSIG: QEMU dies with this (long-lived) thread,
-            # so a killed pytest worker cannot leave VMs behind.
             proc = subprocess.Popen(
-                ["setpriv", "--pdeathsig", "KILL", "--", *argv],
+                [*limit, *handoff.user.prefix(), *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=workdir,
                 start_new_session=True,
-                pass_fds=pass_fds,
+                pass_fds=(*pass_fds, *handoff.fds),
             )
         finally:
             log.close()
+            handoff.release()  # QEMU holds its ends: a QEMU that exits is then EOF on ours
         try:
-            if file_limit is not None:  # QEMU is still starting: it has not run a guest instruction yet
-                try:
-                    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (file_limit, file_limit))
-                except ProcessLookupError:
-                    pass  # it exited already: reported with its stderr below
-            accept = asyncio.ensure_future(qmp.accept())
+            accept = asyncio.ensure_future(qmp.connect(handoff.sockets.pop("qmp")))
             deadline = time.monotonic() + timeout
             while not accept.done():
-                # Wake on the accept at once; look at the process only to fail fast
-                # when QEMU exits on a bad command line instead of connecting.
+                # Wake on the greeting at once; look at the process only to fail fast
+                # when QEMU exits on a bad command line.
                 await asyncio.wait({accept}, timeout=0.05)
                 if not accept.done() and (proc.poll() is not None or time.monotonic() > deadline):
                     accept.cancel()
-                    why = f"exited with status {proc.returncode}" if proc.returncode is not None else (
-                        f"did not connect its QMP monitor within {timeout:.0f}s")
-                    raise RestoreError(
-                        f"QEMU for {name} {why}; its stderr:\n{_tail(workdir / 'qemu.stderr')}"
-                    )
-            accept.result()
-            reader, writer = await asyncio.wait_for(conns["evt"], timeout)
-            ctl_reader, ctl_writer = await asyncio.wait_for(conns["ctl-qemu"], timeout)
+                    break
+            if not accept.done() or accept.cancelled() or accept.exception() is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # its EOF came first: let it finish
+                    proc.wait(2)
+                why = f"exited with status {proc.returncode}" if proc.returncode is not None else (
+                    f"did not answer on its QMP monitor within {timeout:.0f}s")
+                raise RestoreError(f"QEMU for {name} {why}; its stderr:\n{_tail(workdir / 'qemu.stderr')}")
+            reader, writer = await asyncio.open_unix_connection(sock=handoff.sockets.pop("evt"))
+            ctl_reader, ctl_writer = await asyncio.open_unix_connection(sock=handoff.sockets.pop("ctl"))
         except BaseException:
             _kill(proc)
-            for server in servers:
-                server.close()
             await qmp.disconnect()
             raise
         self = cls(
@@ -325,8 +338,8 @@ class QemuProcess:
             evt_writer=writer,
             ctl_reader=ctl_reader,
             ctl_writer=ctl_writer,
-            _servers=servers,
             file_limit=file_limit,
+            uid=handoff.user.uid,
         )
         self._pump = asyncio.ensure_future(self._pump_lines())
         self._tasks.append(asyncio.ensure_future(self._pump_ctl()))
@@ -341,8 +354,11 @@ class QemuProcess:
             self._client.close()
         sid = secrets.randbits(32) | 1
         self._client, self._sid = w, sid
+        self.session_opened, self.session_up = time.monotonic(), None
         try:
             while data := await r.read(65536):
+                if self.ctl_writer.is_closing():  # QEMU is gone: the client sees EOF
+                    break
                 self.ctl_writer.write(FRAME.pack(sid, len(data)) + data)
                 await self.ctl_writer.drain()
         except (ConnectionError, OSError):
@@ -350,10 +366,11 @@ class QemuProcess:
         finally:
             if self._sid == sid:
                 self._client = None
-                try:
-                    self.ctl_writer.write(FRAME.pack(sid, 0))
-                except (ConnectionError, OSError, RuntimeError):
-                    pass
+                if not self.ctl_writer.is_closing():
+                    try:
+                        self.ctl_writer.write(FRAME.pack(sid, 0))
+                    except (ConnectionError, OSError, RuntimeError):
+                        pass
             w.close()
 
     async def _pump_ctl(self) -> None:
@@ -369,6 +386,8 @@ class QemuProcess:
                 if client is None or sid != self._sid:
                     continue  # a session that ended: drop its late bytes
                 if data:
+                    if self.session_up is None:
+                        self.session_up = time.monotonic()
                     client.write(data)
                     try:  # back-pressure: the guest waits for a slow client, we buffer nothing more
                         await client.drain()
@@ -377,6 +396,7 @@ class QemuProcess:
                 else:
                     client.close()
         except (asyncio.IncompleteReadError, ConnectionError):
+            self.ctl_writer.close()  # QEMU is gone: no more writes towards it
             if self._client is not None:
                 self._client.close()
 
@@ -536,6 +556,12 @@ class QemuProcess:
         return tail
 
     def alive(self) -> bool:
+        """False once QEMU exited. A QEMU whose channels closed is exiting: it is given
+        a moment to finish (its descriptors close one by one; a TAP's teardown waits
+        for the network stack), so a dead QEMU is not reported as a live one."""
+        if self.proc.poll() is None and (self.ctl_reader.at_eof() or self.evt_reader.at_eof()):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(EXIT_GRACE_S)
         return self.proc.poll() is None
 
     def quit(self, timeout: float = 10.0) -> None:

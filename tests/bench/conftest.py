@@ -12,6 +12,7 @@ Knobs (environment, all optional):
 - ``VMFORK_BENCH_FORKS_PER_WORKER``: forks per process in the forks/s benchmark (default 8, 2 processes)
 - ``VMFORK_BENCH_SNAPSHOT_ROUNDS``: ``vm.snapshot()`` calls timed (default 5)
 - ``VMFORK_BENCH_MEMORY_COUNTS``: concurrent-fork levels of the memory benchmark (default ``1,10,20``)
+- ``VMFORK_BENCH_TWO_RUNS_TESTS``: tests per run in the two-runs-at-once benchmark (default 12)
 """
 
 from __future__ import annotations

@@ -119,6 +119,36 @@ def report(doc: dict[str, Any]) -> str:
             if labels:
                 out.append(f"  {series_name(b)}: " + "; ".join(f"{k} {v}" for k, v in sorted(labels.items())))
 
+    firsts = by_kind(benches, "first_result")
+    if firsts:
+        out += ["", "fork + first exec: what a test waits for its first result (TAP handoff + one payload, "
+                    "then vm.exec(['true']); ms)"]
+        rows = []
+        for b in firsts:
+            info = b["extra_info"]
+            f, r, e, st = info["fork_first_exec"], info["restore_to_healthy"], info["first_exec"], info["stages_median_ms"]
+            work = "" if info.get("test_work_s") is None else f", tests of {info['test_work_s']:g} s"
+            rows.append([f"{info['path']}{work}", info["rounds"], f["p50"], f["p95"], r["p50"], e["p50"],
+                         *(float(st.get(f"first_exec.{k}", float("nan")))
+                           for k in ("session_wait_ms", "rpc_ms", "spawn_ms", "run_ms")),
+                         float(st.get("pool_wait_ms", float("nan"))), f"{info['prewarmed']}/{info['rounds']}"])
+        out.append(table(["path", "rounds", "p50", "p95", "restore p50", "exec p50", "session wait", "rpc",
+                          "spawn", "run", "pool wait", "pre-warmed"], rows))
+    for b in by_kind(benches, "tcg_blocks"):
+        cold, warm = b["extra_info"]["cold_fork"], b["extra_info"]["prewarmed_fork"]
+        out += ["", "TCG translation blocks made per stage (HMP `info jit`; each is guest code run for the "
+                    "first time in that QEMU)",
+                table(["fork", "to ready", "first exec", "second exec"],
+                      [["cold (library)", cold["ready"], cold["first_exec"], cold["second_exec"]],
+                       ["pre-warmed (pool)", warm["ready"], warm["first_exec"], warm["second_exec"]]])]
+
+    for b in by_kind(benches, "two_runs"):
+        info = b["extra_info"]
+        out += ["", f"two whole runs at once, each -n 2, {info['tests_per_run']} tests each (their own summaries)"]
+        for i, r in enumerate(info["runs"]):
+            out.append(f"  run {i}: restore-to-healthy p50 {r['restore_p50_ms']:.0f} ms, "
+                       f"fork + first exec p50 {r['fork_first_exec_p50_ms']:.0f} ms")
+
     for b in by_kind(benches, "cold_boot"):
         info = b["extra_info"]
         out += [

@@ -30,6 +30,8 @@ from pytest_vmfork import Run, Snapshot, SnapshotStore, Template, fork, vmm
 from pytest_vmfork.layer import discard
 from pytest_vmfork.network import RunNetwork
 
+from pytest_vmfork.plugin import SESSION_KEY
+
 from . import forkmem
 from .conftest import env_int
 
@@ -223,6 +225,179 @@ def test_restore_to_healthy_no_network(
     )
 
 
+# --- 2b: what a test waits for: the fork, then its first command ------------------
+
+#: Seconds of "the test's own work" between rounds of the plugin series: 0 is a
+#: suite of back-to-back trivial tests (the pool's worst case), 1 a test that
+#: exercises its VM for a second (a command runs in the guest meanwhile).
+TEST_WORK_S = (0.0, 1.0)
+
+
+def first_result_info(timings: Sequence[Mapping[str, Any]], totals: Sequence[float], *, path: str,
+                      work_s: float | None) -> dict[str, Any]:
+    stages, labels = stage_breakdown(timings)
+    return {
+        "kind": "first_result",
+        "path": path,
+        "network": "tap",
+        "mailbox_payload": True,
+        "test_work_s": work_s,
+        "rounds": len(totals),
+        "fork_first_exec_ms": list(totals),
+        "fork_first_exec": summary_ms(totals),
+        "restore_to_healthy": summary_ms([t["restore_to_healthy_ms"] for t in timings]),
+        "first_exec": summary_ms([t["first_exec_ms"] for t in timings]),
+        "prewarmed": sum(bool(t.get("prewarmed")) for t in timings),
+        "stages_median_ms": stages,
+        "labels": labels,
+    }
+
+
+def say_first_result(bench_say: Any, name: str, info: dict[str, Any]) -> None:
+    f, r, e, st = info["fork_first_exec"], info["restore_to_healthy"], info["first_exec"], info["stages_median_ms"]
+    bench_say(
+        f"fork + first exec, {name}: p50 {f['p50']:.0f} ms  p95 {f['p95']:.0f} ms"
+        f"  (restore-to-healthy p50 {r['p50']:.0f}, first exec p50 {e['p50']:.0f}: session wait "
+        f"{st.get('first_exec.session_wait_ms', 0):.0f} + rpc {st.get('first_exec.rpc_ms', 0):.0f} + spawn "
+        f"{st.get('first_exec.spawn_ms', 0):.0f} + run {st.get('first_exec.run_ms', 0):.0f} ms;"
+        f" {info['prewarmed']}/{info['rounds']} pre-warmed)"
+    )
+
+
+def test_fork_and_first_exec_library(
+    benchmark: Any,
+    vmfork_snapshot: Snapshot,
+    bench_run: Run,
+    bench_network: RunNetwork,
+    bench_results: dict[str, Any],
+    bench_say: Any,
+) -> None:
+    """``fork()`` (no pool) with a TAP handoff and one payload, then ``vm.exec(["true"])``:
+    a library user's wait for a first result, every guest code path cold."""
+    timings: list[dict[str, Any]] = []
+    totals: list[float] = []
+    counter = iter(range(1_000_000))
+
+    def target() -> Any:
+        t0 = time.monotonic()
+        vm = fork(vmfork_snapshot, run=bench_run, network=bench_network,
+                  mailboxes={MAILBOX: {"bench": "first-exec", "round": next(counter)}})
+        try:
+            assert vm.exec(["true"]).returncode == 0
+        finally:
+            totals.append((time.monotonic() - t0) * 1000)
+            timings.append(dict(vm.timings))
+            vm.close()  # inside the round: nothing else runs between rounds
+
+    benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    info = first_result_info(timings[WARMUP_ROUNDS:], totals[WARMUP_ROUNDS:], path="library, pool off",
+                             work_s=None)
+    info["host_after"] = host_state()
+    benchmark.extra_info.update(info)
+    bench_results["first_result_library"] = info["fork_first_exec"]
+    say_first_result(bench_say, "library (pool off)", info)
+
+
+@pytest.mark.parametrize("work_s", TEST_WORK_S)
+def test_fork_and_first_exec_plugin_pool(
+    benchmark: Any,
+    work_s: float,
+    request: pytest.FixtureRequest,
+    vmfork_snapshot: Snapshot,
+    bench_results: dict[str, Any],
+    bench_say: Any,
+) -> None:
+    """The ``vm`` fixture's path (the plugin session's fork, warm pool, TAP handoff,
+    one payload) then ``vm.exec(["true"])``; between rounds the test's own work
+    (``work_s`` of a guest ``sleep``, untimed) and the fixture's teardown."""
+    session = request.config.stash[SESSION_KEY]
+    if not session.settings.pool_size:
+        pytest.skip("the warm pool is off (vmfork_pool_size = 0)")
+    timings: list[dict[str, Any]] = []
+    counter = iter(range(1_000_000))
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return ([],), {}
+
+    def target(box: list[Any]) -> None:
+        box.append(session.fork(vmfork_snapshot, {MAILBOX: {"bench": "plugin", "round": next(counter)}}))
+        assert box[0].exec(["true"]).returncode == 0
+
+    def teardown(box: list[Any]) -> None:
+        if not box:
+            return
+        vm = box[0]
+        try:
+            timings.append(dict(vm.timings))
+            if work_s:
+                vm.exec(["sleep", str(work_s)])
+        finally:
+            session.release(vm, False)
+
+    benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    measured = timings[WARMUP_ROUNDS:]
+    totals = [t["restore_to_healthy_ms"] + t["first_exec_ms"] for t in measured]
+    info = first_result_info(measured, totals, path="plugin, warm pool", work_s=work_s)
+    info["host_after"] = host_state()
+    benchmark.extra_info.update(info)
+    bench_results[f"first_result_plugin_{work_s:g}s"] = info["fork_first_exec"]
+    say_first_result(bench_say, f"plugin with its pool, tests of {work_s:g} s", info)
+
+
+def translated_blocks(vm: Any) -> int:
+    """TCG translation blocks this fork's QEMU has made so far (HMP ``info jit``):
+    how much guest code the fork has run for the first time."""
+    stats = forkmem.tcg_stats(vm)
+    if "tbs" not in stats:
+        raise AssertionError(f"no TB count in `info jit`: {stats!r}")
+    return stats["tbs"]
+
+
+def test_translated_blocks_per_stage(
+    benchmark: Any,
+    vmfork_snapshot: Snapshot,
+    bench_run: Run,
+    bench_network: RunNetwork,
+    bench_say: Any,
+) -> None:
+    """The cost model under TCG: every fork's QEMU translates each guest code path the
+    first time it runs. Counts new translation blocks per stage of a cold fork
+    (ready, first exec, second exec), and of a pool fork after its pre-warm."""
+    if vmfork_snapshot.machine.accel != "tcg":
+        pytest.skip("translation blocks exist under TCG only")
+    from pytest_vmfork.pool import WarmPool
+
+    rows: list[dict[str, int]] = []
+
+    def stages(vm: Any) -> dict[str, int]:
+        ready = translated_blocks(vm)
+        vm.exec(["true"])
+        first = translated_blocks(vm)
+        vm.exec(["true"])
+        return {"ready": ready, "first_exec": first - ready, "second_exec": translated_blocks(vm) - first}
+
+    def round_() -> None:
+        with fork(vmfork_snapshot, run=bench_run, network=bench_network, mailboxes={MAILBOX: {"tb": 1}}) as vm:
+            rows.append(stages(vm))
+
+    benchmark.pedantic(round_, rounds=3)
+    pool = WarmPool(vmfork_snapshot, bench_run, bench_network, size=1)
+    try:
+        with fork(vmfork_snapshot, run=bench_run, network=bench_network, pool=pool,
+                  mailboxes={MAILBOX: {"tb": 2}}) as vm:
+            assert vm.timings.get("prewarmed"), vm.timings
+            warm = stages(vm)
+    finally:
+        pool.close()
+    cold = {k: int(statistics.median(r[k] for r in rows)) for k in rows[0]}
+    benchmark.extra_info.update({"kind": "tcg_blocks", "cold_fork": cold, "prewarmed_fork": warm})
+    bench_say(
+        f"TCG blocks translated, cold fork: {cold['ready']} to ready, +{cold['first_exec']} first exec, "
+        f"+{cold['second_exec']} second exec; pre-warmed pool fork: {warm['ready']} (pre-warm and request), "
+        f"+{warm['first_exec']} first exec, +{warm['second_exec']} second"
+    )
+
+
 # --- 3: cold boot of the same template ------------------------------------------
 
 
@@ -277,7 +452,8 @@ def test_cold_boot_template(
         f"  (whole snapshot build {info['build_s_median']:.2f} s)"
     )
     ratios = {}
-    for which in ("restore_tap", "restore_none"):
+    for which in ("restore_tap", "restore_none", "first_result_library", "first_result_plugin_0s",
+                  "first_result_plugin_1s"):
         if which in bench_results:
             p50 = bench_results[which]["p50"]
             ratios[which] = {
@@ -406,6 +582,84 @@ def test_forks_per_second_two_processes(
         f"forks/s ({FORK_WORKERS} processes x {FORKS_PER_WORKER}, network={network}): "
         f"{info['forks_per_s']:.2f}  ({forks} forks+closes in {elapsed:.1f} s; "
         f"restore p50 under concurrency {info['restore_to_healthy']['p50']:.0f} ms)"
+    )
+
+
+# --- 4b: two whole runs at once, each -n 2 -------------------------------------------
+
+TWO_RUNS_TESTS = env_int("VMFORK_BENCH_TWO_RUNS_TESTS", 12)
+TWO_RUNS_CONFTEST = """
+import pytest
+from fixtures.templates import TEST_TEMPLATE
+
+@pytest.fixture(scope="session")
+def vmfork_template():
+    return TEST_TEMPLATE
+"""
+TWO_RUNS_TEST = """
+import pytest
+
+@pytest.mark.parametrize("n", range({count}))
+@pytest.mark.vmfork_mailbox("app-config", {{"bench": "two-runs"}})
+def test_first_result(vm, n):
+    assert vm.exec(["true"]).returncode == 0
+"""
+
+
+def summary_figure(out: str, prefix: str) -> float:
+    """The p50 (ms) of the summary line starting with ``prefix``."""
+    for line in out.splitlines():
+        if line.startswith(prefix):
+            return float(line.split(" p50 ", 1)[1].split()[0])
+    raise AssertionError(f"no {prefix!r} line in the run's summary:\n{out[-3000:]}")
+
+
+def test_two_runs_at_once_each_with_two_workers(
+    benchmark: Any,
+    vmfork_snapshot: Snapshot,
+    bench_settings: Any,
+    tmp_path: Path,
+    bench_say: Any,
+) -> None:
+    """Two whole pytest runs of the same suite started together, each ``-n 2`` with the
+    plugin's defaults (TAP network, warm pool): concurrent runs on one host, as CI
+    runners and developers do. Figures are the runs' own summaries."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    suites = []
+    for i in range(2):
+        suite = tmp_path / f"run{i}"
+        suite.mkdir()
+        (suite / "conftest.py").write_text(TWO_RUNS_CONFTEST)
+        (suite / "test_two_runs.py").write_text(TWO_RUNS_TEST.format(count=TWO_RUNS_TESTS))
+        suites.append(suite)
+    env = {**os.environ, "PYTHONPATH": str(root), "VMFORK_CACHE_DIR": str(bench_settings.cache_dir)}
+    env.pop("VMFORK_BENCH", None)
+    outs: list[str] = []
+
+    def target() -> None:
+        procs = [subprocess.Popen([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q",
+                                   str(suite)], cwd=suite, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for suite in suites]
+        for p in procs:
+            out, _ = p.communicate(timeout=900)
+            assert p.returncode == 0, out[-4000:]
+            outs.append(out)
+
+    before = host_state()
+    benchmark.pedantic(target, rounds=1)
+    runs = [{"restore_p50_ms": summary_figure(out, "forks: "),
+             "fork_first_exec_p50_ms": summary_figure(out, "fork + first exec ("),
+             "summary": [line for line in out.splitlines() if line.startswith(("forks:", "fork + first", "warm pool"))]}
+            for out in outs]
+    benchmark.extra_info.update({"kind": "two_runs", "tests_per_run": TWO_RUNS_TESTS, "runs": runs,
+                                 "host_before": before, "host_after": host_state()})
+    bench_say(
+        "two runs at once, each -n 2, " + f"{TWO_RUNS_TESTS} tests: " + "; ".join(
+            f"run {i}: restore-to-healthy p50 {r['restore_p50_ms']:.0f} ms, fork + first exec p50 "
+            f"{r['fork_first_exec_p50_ms']:.0f} ms" for i, r in enumerate(runs))
     )
 
 

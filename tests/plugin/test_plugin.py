@@ -52,7 +52,12 @@ def test_vm_fixture_gives_each_test_a_running_fork_and_prints_the_summary(suite)
     )
     result = suite.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*vmfork summary*", "*cache hit*", "forks: 2  restore-to-healthy p50 * ms  p95 * ms  max * ms"])
+    result.stdout.fnmatch_lines([
+        "*vmfork summary*", "*cache hit*", "  fork + first exec p50 * ms, p95 * ms (2 forks ran a command)",
+        "forks: 2  restore-to-healthy p50 * ms  p95 * ms  max * ms",
+        "fork + first exec (2 forks ran a command): p50 * ms  p95 * ms  max * ms  (first exec alone p50 * ms)",
+        "warm pool: 1 of 2 forks came pre-warmed, 1 forked cold",  # the second waited for the pre-warm
+    ])
     assert qemu_processes_under(suite.tmp) == []
     assert not any(suite.tmp.rglob("*.sock")), "a VM's sockets were left behind"
 
@@ -160,4 +165,29 @@ def test_a_run_base_planted_by_another_user_is_refused_before_any_vm(suite, othe
     result.stderr.fnmatch_lines([(f"*run directory base {planted} is owned by uid {other_user.uid}, not by this "
                                   f"uid {os.getuid()}; refusing to use it: remove it*")])
     assert list(planted.iterdir()) == [], "root's run wrote into the planted directory"
+    assert qemu_processes_under(suite.tmp) == []
+
+
+def test_vmfork_qemu_user_option_and_ini_key_choose_the_user_qemu_runs_as(suite, other_user):
+    suite.makepyfile(
+        f"""
+        from pathlib import Path
+
+        def test_uid(vm):
+            uids = next(l for l in Path(f"/proc/{{vm.pid}}/status").read_text().splitlines() if l.startswith("Uid:"))
+            assert uids.split()[1:] == ["{other_user.uid}"] * 4
+        """
+    )
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider", f"--vmfork-qemu-user={other_user.name}")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"vmfork: QEMU runs as {other_user.name} (uid {other_user.uid}): configured*"])
+    suite.makeini(f"[pytest]\nvmfork_qemu_user = {other_user.name}\n")
+    suite.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_a_qemu_user_that_does_not_exist_is_a_usage_error_before_any_vm(suite):
+    suite.makepyfile("def test_never(vm):\n    raise AssertionError('a VM was started')\n")
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider", "--vmfork-qemu-user=vmfork-nosuchuser")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*vmfork qemu user 'vmfork-nosuchuser' does not exist; create it (useradd*"])
     assert qemu_processes_under(suite.tmp) == []

@@ -548,3 +548,32 @@ def test_gc_acts_on_nothing_in_a_run_root_others_can_write(roots, dead):
     report = collect(roots)
     assert run.is_dir() and not [i for i in report.removed if i.kind in ("run-dir", "vm-dir", "vmm")]
     assert [i for i in report.skipped if i.kind == "run-root" and "writable by group or others" in i.reason]
+
+
+def test_an_orphaned_vmm_running_as_the_recorded_qemu_user_is_killed_another_uid_is_not(roots, dead, other_user):
+    run = make_run(roots["run_root"], "qemuuid1", *dead)
+    recorded, unrecorded = run / "fm-7-1", run / "fm-7-2"
+    procs = []
+    for d in (recorded, unrecorded):
+        d.mkdir()
+        procs.append(subprocess.Popen(["qemu-system-x86_64", "-c", "sleep 60; :", "-name", f"vmfork-{d.name},x",
+                                       "-add-fd", f"fd=3,set=1,opaque=path={d}/console.log"],
+                                      executable="/bin/sh", user=other_user.uid, group=other_user.gid))
+    try:
+        deadline = time.monotonic() + 10  # the stand-ins must have exec'd for their cmdline to show
+        while any(b"qemu-system" not in Path(f"/proc/{p.pid}/cmdline").read_bytes() for p in procs):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for d, proc, uid in ((recorded, procs[0], other_user.uid), (unrecorded, procs[1], None)):
+            (d / "handles.json").write_text(json.dumps({
+                "owner_pid": dead[0], "owner_start_time": dead[1], "boot_id": lz.boot_id(), "name": d.name,
+                "pid": proc.pid, "start_time": start_of(proc.pid), "qemu_uid": uid}))
+        report = collect(roots)
+        assert procs[0].wait(5) == -9, "the orphaned VMM of the recorded QEMU user was not SIGKILLed"
+        assert procs[1].poll() is None, "gc killed a process running as a uid it never started QEMU as"
+        skipped = {i.name: i.reason for i in report.skipped if i.kind == "vmm"}
+        assert f"runs as uid {other_user.uid}" in skipped[f"pid {procs[1].pid} (fm-7-2)"]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

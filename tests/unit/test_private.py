@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_vmfork import confine, private
 from pytest_vmfork import leases as lz
-from pytest_vmfork import private
 from pytest_vmfork.run import Run
 
 
@@ -116,3 +116,33 @@ def test_a_cache_entry_someone_else_can_write_is_refused(tmp_path):
     os.chown(entry / "state.bin", 65534, 65534)
     with pytest.raises(private.PrivateDirError, match="owner uid 65534"):
         private.verify_cache_entry(entry)
+
+
+def test_only_the_qemu_groups_write_bit_on_a_ram_file_is_accepted_and_sealing_keeps_it(tmp_path, monkeypatch):
+    entry = private.private_dir(tmp_path / "snapshots" / "ram", "x")
+    ram, state = entry / private.RAM_FILE, entry / "state.bin"
+    ram.write_bytes(b"\0" * 4096)
+    state.write_bytes(b"state")
+    qemu_gid = 65534  # a group not ours, standing for vmfork-qemu's
+    monkeypatch.setattr(confine, "ram_group_gid", lambda: qemu_gid)
+    os.chown(ram, -1, qemu_gid)
+    ram.chmod(0o660)
+    private.seal(entry)  # a foreign group's write on the RAM file was given on purpose: kept
+    assert ram.stat().st_mode & 0o777 == 0o660
+    private.verify_cache_entry(entry, ram_gid=qemu_gid)
+    for ram_gid in (None, qemu_gid + 1):  # no QEMU group, or another one: refused
+        with pytest.raises(private.PrivateDirError, match="memory.ram is writable by someone else"):
+            private.verify_cache_entry(entry, ram_gid=ram_gid)
+    ram.chmod(0o662)  # others' write is never accepted
+    with pytest.raises(private.PrivateDirError, match="memory.ram is writable by someone else"):
+        private.verify_cache_entry(entry, ram_gid=qemu_gid)
+    ram.chmod(0o660)
+    os.chown(state, -1, qemu_gid)
+    state.chmod(0o660)  # only the RAM file may be the QEMU group's to write
+    with pytest.raises(private.PrivateDirError, match="state.bin is writable by someone else"):
+        private.verify_cache_entry(entry, ram_gid=qemu_gid)
+    for gid in (os.getegid(), qemu_gid + 1):  # our own group's write (a umask of 002), another's: sealed away
+        os.chown(ram, -1, gid)
+        ram.chmod(0o664)
+        private.seal(entry)
+        assert ram.stat().st_mode & 0o777 == 0o644

@@ -39,6 +39,17 @@ def test_mmdebstrap_argv_builds_minbase_with_base_and_template_packages(tmp_path
     assert argv[-3:] == ["bookworm", str(tmp_path / "root.tar"), "deb http://m/debian bookworm main"]
 
 
+def test_root_mode_runs_mmdebstrap_in_a_mount_namespace_of_its_own(tmp_path: Path) -> None:
+    apt = AptConfig(("deb http://m/debian bookworm main",), (), "test")
+    argv = rootfs.mmdebstrap_argv(
+        packages=[], mode=rootfs.BuildMode("root", ""), apt=apt, overlay=tmp_path / "o.tar",
+        kernel_hook=tmp_path / "k.sh", kernel_flavour="amd64", kernel_out=tmp_path / "kernel",
+        out_tar=tmp_path / "root.tar")
+    at = argv.index("--")
+    assert argv[0] == "unshare" and {"--mount", "--fork", "--kill-child"} <= set(argv[:at])
+    assert argv[at + 1:at + 3] == ["mmdebstrap", "--variant=minbase"] and "--mode=root" in argv
+
+
 def test_unknown_packages_are_picked_out_of_apt_errors() -> None:
     text = "E: Unable to locate package nosuch-pkg\nE: Package 'gone' has no installation candidate\n"
     assert rootfs._unknown_packages(text) == ["gone", "nosuch-pkg"]

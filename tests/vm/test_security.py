@@ -5,14 +5,22 @@ next fork."""
 
 from __future__ import annotations
 
+import dataclasses
+import grp
 import os
+import pwd
+import secrets
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import RestoreError, fork
+from fixtures.templates import TEST_TEMPLATE
+from pytest_vmfork import ConfigError, RestoreError, Run, confine, fork, private
+from pytest_vmfork.layer import discard
+from pytest_vmfork.registry import snapshot_for
 
 #: The stated bound: the test process's peak RSS grows by less than this while a
 #: guest prints 2 GiB (8 MiB per stream are kept; gRPC holds a copy or two).
@@ -80,15 +88,106 @@ def test_every_fork_runs_under_qemus_seccomp_filter(vm):
 
 
 def test_a_second_user_cannot_reach_a_root_forks_sockets(vm, other_user):
-    for sock in ("ctl.sock", "qmp.sock", "evt.sock"):
-        path = vm.dir / sock
-        assert path.exists()
-        probe = subprocess.run(
-            ["setpriv", f"--reuid={other_user.uid}", f"--regid={other_user.gid}", "--clear-groups", "--",
-             "/usr/bin/python3", "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
-             str(path)], capture_output=True, text=True, timeout=30, check=False)
-        assert probe.returncode != 0 and "PermissionError" in probe.stderr, (sock, probe.stderr)
+    # QMP and the event and ctl channels are socketpairs (nothing to connect to by
+    # path); the one listening socket is the gRPC proxy's ctl.sock in the private VM dir.
+    assert not (vm.dir / "qmp.sock").exists() and not (vm.dir / "evt.sock").exists()
+    path = vm.dir / "ctl.sock"
+    assert path.exists()
+    probe = subprocess.run(
+        ["setpriv", f"--reuid={other_user.uid}", f"--regid={other_user.gid}", "--clear-groups", "--",
+         "/usr/bin/python3", "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
+         str(path)], capture_output=True, text=True, timeout=30, check=False)
+    assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
     assert vm.exec(["true"]).returncode == 0
+
+
+def assert_confined(pid: int, uid: int | None = None) -> None:
+    """QEMU ``pid`` runs under its seccomp filter as an unprivileged user (``uid`` if
+    given): real, effective, saved and filesystem uid and gid, and no root group."""
+    st = status(pid)
+    assert st["Seccomp"] == "2", f"QEMU pid {pid} runs without a seccomp filter: {st['Seccomp']}"
+    uids, gids = st["Uid"].split(), st["Gid"].split()
+    assert len(set(uids)) == 1 and uids[0] != "0", f"QEMU pid {pid} runs with uids {uids}"
+    assert len(set(gids)) == 1 and gids[0] != "0", f"QEMU pid {pid} runs with gids {gids}"
+    assert "0" not in st["Groups"].split(), f"QEMU pid {pid} keeps the root group: {st['Groups']!r}"
+    assert st["NoNewPrivs"] == "1"
+    if uid is not None:
+        assert uids[0] == str(uid)
+
+
+def test_a_root_runs_qemu_runs_as_an_unprivileged_user_and_opens_no_path_of_ours(vm):
+    assert_confined(vm.pid, pwd.getpwnam(confine.DEFAULT_USER).pw_uid)
+    assert vm.exec(["true"]).returncode == 0  # it works: every file and socket came as a descriptor
+    # the guest RAM file is the snapshot's, mapped privately: writable by QEMU's group, nobody else
+    ram = vm.forked_from.memory_path.stat()
+    assert ram.st_gid == grp.getgrnam(confine.RAM_GROUP).gr_gid and stat.S_IMODE(ram.st_mode) & 0o022 == 0o020
+    private.verify_cache_entry(vm.forked_from.dir, ram_gid=ram.st_gid)
+    with pytest.raises(private.PrivateDirError, match="memory.ram is writable by someone else"):
+        private.verify_cache_entry(vm.forked_from.dir)
+    # QEMU cannot reach the VM directory it would otherwise have opened files in
+    probe = subprocess.run(["setpriv", f"--reuid={status(vm.pid)['Uid'].split()[0]}", "--clear-groups",
+                            f"--regid={status(vm.pid)['Gid'].split()[0]}", "--", "ls", str(vm.dir)],
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert probe.returncode != 0 and "Permission denied" in probe.stderr
+
+
+def test_a_template_boots_qemu_runs_unprivileged_too(tmp_path):
+    # a snapshot of its own (a warm-up no other template has): booted now, its QEMU
+    # inspected while the warm-up runs, then discarded
+    seen: list[int] = []
+
+    def progress(message: str) -> None:
+        if message.startswith("vmfork: warm-up:"):
+            seen.extend(qemu_children())
+            for pid in seen:
+                assert_confined(pid)
+
+    template = dataclasses.replace(TEST_TEMPLATE, warmup=[*TEST_TEMPLATE.warmup, f"echo {secrets.token_hex(8)}"])
+    run = Run()
+    try:
+        snap = snapshot_for(template, run=run, progress=progress)
+    finally:
+        run.remove()
+    try:
+        assert seen and len(set(seen)) == 1 and not snap.cache_hit  # one QEMU, seen at each warm-up
+    finally:
+        discard(snap)
+
+
+def qemu_children() -> list[int]:
+    """PIDs of QEMUs whose parent is this process (a template boot's)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            st = status(int(pid))
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if st["PPid"] == str(os.getpid()) and b"qemu-system" in cmd and b"vmfork-t" in cmd:
+            found.append(int(pid))
+    return found
+
+
+def test_a_configured_qemu_user_is_honoured_for_forks(vmfork_snapshot, other_user):
+    before = vmfork_snapshot.memory_path.stat()
+    run = Run(qemu_user=other_user.name)
+    try:
+        with fork(vmfork_snapshot, run=run) as vm:
+            assert_confined(vm.pid, other_user.uid)
+            # the RAM file's group is vmfork-qemu's whoever QEMU runs as: a supplementary group
+            assert str(grp.getgrnam(confine.RAM_GROUP).gr_gid) in status(vm.pid)["Groups"].split()
+            assert vm.exec(["echo", "ok"]).stdout == b"ok\n"
+    finally:
+        run.remove()
+    after = vmfork_snapshot.memory_path.stat()
+    assert (after.st_gid, after.st_mode) == (before.st_gid, before.st_mode)  # the cache did not change hands
+
+
+def test_a_qemu_user_that_does_not_exist_is_refused_before_any_vm_starts():
+    with pytest.raises(ConfigError, match="vmfork qemu user 'vmfork-nosuchuser' does not exist; create it"):
+        Run(qemu_user="vmfork-nosuchuser")
+    with pytest.raises(ConfigError, match="is not a user name"):
+        Run(qemu_user="../etc")
 
 
 def test_a_guest_printing_2_gib_is_truncated_with_a_marker_and_host_memory_stays_bounded(vm):
