@@ -15,8 +15,8 @@ class WarmPool:
     """A few forks restored ahead of time and pre-warmed, waiting for a request.
 
     Under TCG a fresh QEMU translates every guest code path anew, so a fork's
-    first resume and first command cost far more than any later one (~250 ms
-    vs ~20 ms for an exec, tests/bench). The pool's forks pay that before any
+    first resume and first command cost far more than any later one (a first
+    exec ~460 ms, a pre-warmed fork's ~80 ms: make bench). The pool's forks pay that before any
     request: spawned, device state loaded, resumed once with no payloads, one
     command run (:meth:`VM._prewarm`). A request stops one, patches its
     payloads, entropy, clock and generation in and resumes it (its network
