@@ -1,11 +1,11 @@
-"""Every example in README.md runs, exactly as written.
+"""Every example in README.md and docs/*.md runs, exactly as written; the README has
+the shape a user reads first.
 
-An example is a fenced block right after a line ``<!-- example: NAME -->``; its first
-line is a comment naming its file (``# conftest.py``, ``# test_x.py``, ``# script.py``)
-or ``# shell`` for commands. Blocks sharing a NAME form one project in a fresh
-directory: its test files run as one pytest session (real VMs), then its scripts and
-shell lines, each of which must exit 0. A project without a conftest.py of its own
-gets the one of the ``project`` example, as the README's text says.
+An example is a fenced block right after a line ``<!-- example: NAME -->`` (see
+tests/examples.py). Blocks sharing a NAME form one project in a fresh directory: its
+test files run as one pytest session (real VMs), then its scripts and shell lines,
+each of which must exit 0. A project without a conftest.py of its own gets the one of
+the ``project`` example, as the documents' text says.
 """
 
 from __future__ import annotations
@@ -19,32 +19,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.examples import DOCUMENTS, README, REPO, examples
 from tests.plugin.suites import finish
 
-REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
-BLOCK = re.compile(r"^<!-- example: (?P<name>[\w-]+) -->\n```(?P<lang>\w*)\n(?P<body>.*?)^```$",
-                   re.MULTILINE | re.DOTALL)
 BIN = Path(sys.executable).parent
 TIMEOUT_S = 1500.0
-
-
-def examples() -> dict[str, list[tuple[str, str]]]:
-    """NAME -> [(file name or "shell", text)] in README order."""
-    found: dict[str, list[tuple[str, str]]] = {}
-    for m in BLOCK.finditer(README.read_text()):
-        first, _, rest = m["body"].partition("\n")
-        label = first.removeprefix("#").strip()
-        assert first.startswith("# ") and label, f"example {m['name']!r}: first line must name its file: {first!r}"
-        found.setdefault(m["name"], []).append((label, rest if label == "shell" else m["body"]))
-    return found
-
-
 EXAMPLES = examples()
+
+#: The README's sections, in the order a new user needs them (issue #21).
+README_SECTIONS = ("Quickstart", "Fixtures", "`Template` fields", "The VM API", "Markers", "Options",
+                   "How fast", "CI", "Troubleshooting", "Develop")
+README_MAX_LINES = 450
 
 
 def test_readme_has_examples_and_every_one_names_a_known_kind() -> None:
     assert {"intro", "project", "mailboxes", "script"} <= set(EXAMPLES)
+    assert {"several-templates", "layers", "files", "qemu-user"} <= set(EXAMPLES)  # in docs/
     for name, blocks in EXAMPLES.items():
         for label, _ in blocks:
             assert label == "shell" or re.fullmatch(r"[\w-]+(/[\w-]+)*\.py", label), (name, label)
@@ -57,12 +47,37 @@ def test_the_project_example_is_the_user_project_ci_runs_as_a_non_root_user() ->
         assert (REPO / "fixtures/userproject" / label).read_text() == text.partition("\n")[2], label
 
 
-def test_every_option_is_in_the_readme_options_table() -> None:
+def test_every_option_is_in_the_readme_options_table_with_its_environment_variable() -> None:
     from pytest_vmfork.config import OPTIONS
 
     text = README.read_text()
     for opt in OPTIONS:
-        assert f"| `{opt.flag}` | `{opt.name}` |" in text, opt.flag
+        env = f" `{opt.env}` " if opt.env else " "
+        assert f"| `{opt.flag}` | `{opt.name}` |{env}|" in text, opt.flag
+
+
+def test_the_readme_is_short_and_has_its_sections_in_order() -> None:
+    lines = README.read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; at most {README_MAX_LINES}"
+    sections = [line[3:] for line in lines if line.startswith("## ")]
+    assert sections == list(README_SECTIONS), sections
+
+
+def test_the_readme_renders_on_a_package_index_without_relative_links() -> None:
+    """The README is the package's long description: a relative link or image would be
+    broken there, so documents are named as paths and links are absolute."""
+    text = README.read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r"<img[^>]+src=[\"']([^\"']+)", text)
+    relative = [t for t in targets if not re.match(r"https?://", t)]
+    assert not relative, relative
+
+
+def test_every_document_the_readme_names_exists() -> None:
+    named = set(re.findall(r"`((?:docs/[\w.-]+\.md)|CHANGELOG\.md)`", README.read_text()))
+    assert "docs/performance.md" in named
+    for path in named:
+        assert (REPO / path).is_file(), path
+    assert {REPO / p for p in named if p.startswith("docs/")} <= set(DOCUMENTS)
 
 
 @pytest.mark.vm
@@ -84,7 +99,7 @@ def test_readme_example_runs_as_written(name: str, tmp_path: Path) -> None:
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         code, out = finish(proc, TIMEOUT_S)
-        assert code == 0, f"README example {name!r} failed:\n{out[-6000:]}"
+        assert code == 0, f"example {name!r} failed:\n{out[-6000:]}"
         assert re.search(r"\d+ passed", out) and "failed" not in out.splitlines()[-1], out[-3000:]
     for label, text in blocks:
         if label.endswith(".py") and label not in tests and Path(label).name != "conftest.py":
@@ -97,4 +112,4 @@ def test_readme_example_runs_as_written(name: str, tmp_path: Path) -> None:
             proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
             code, out = finish(proc, TIMEOUT_S)
-            assert code == 0, f"README example {name!r}: {shlex.join(argv)} exited {code}:\n{out[-4000:]}"
+            assert code == 0, f"example {name!r}: {shlex.join(argv)} exited {code}:\n{out[-4000:]}"

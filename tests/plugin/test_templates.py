@@ -30,6 +30,7 @@ from pytest_vmfork import image
 from pytest_vmfork.accel import resolve_accel
 from pytest_vmfork.plugin import SESSION_KEY
 from pytest_vmfork.snapshot import SnapshotStore
+from tests.examples import example_files
 
 from .suites import REPO, finish
 
@@ -261,24 +262,11 @@ def test_each_directory_module_and_class_forks_its_own_template_each_booted_once
     assert "booting template" not in out
 
 
-# --- README: "Several templates in one run", run exactly as written -------------------
+# --- docs/guide.md: "Several templates in one run", run exactly as written ---------------
 
 
-def readme_examples(name: str) -> dict[str, str]:
-    """The fenced blocks after ``<!-- example: NAME -->``, by the file their first line names."""
-    text = (REPO / "README.md").read_text()
-    blocks = re.findall(rf"<!-- example: {re.escape(name)} -->\n```\w*\n(.*?)```", text, re.S)
-    assert blocks, f"README has no example {name!r}"
-    files = {}
-    for block in blocks:
-        first, _, _ = block.partition("\n")
-        assert first.startswith("# "), f"example {name!r}: a block must start with '# <file>'"
-        files[first[2:].strip()] = block
-    return files
-
-
-def test_the_readme_several_templates_example_passes(tmp_path: Path, short_tmp: Path):
-    files = readme_examples("several-templates")
+def test_the_documented_several_templates_example_passes(tmp_path: Path, short_tmp: Path):
+    files = example_files("several-templates")
     assert "json/conftest.py" in files and "conftest.py" in files
     write_suite(tmp_path, files)
     code, out = run_inner(tmp_path, short_tmp, "-n", "2")
@@ -286,8 +274,8 @@ def test_the_readme_several_templates_example_passes(tmp_path: Path, short_tmp: 
     assert len(re.findall(r"^snapshot \w+: ", out, re.M)) == 2, out[-6000:]
 
 
-def test_the_readme_snapshot_for_script_prints_what_the_fork_computed(tmp_path: Path, short_tmp: Path):
-    files = readme_examples("snapshot-for")
+def test_the_documented_snapshot_for_script_prints_what_the_fork_computed(tmp_path: Path, short_tmp: Path):
+    files = example_files("snapshot-for")
     write_suite(tmp_path, files)
     proc = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, env=inner_env(short_tmp),
                           capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
