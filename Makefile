@@ -51,7 +51,7 @@ unit: setup
 bench: setup
 	mkdir -p bench-results
 	VMFORK_BENCH=1 $(BIN)/pytest tests/bench --benchmark-only --benchmark-json=bench-results/bench.json -p no:cacheprovider
-	$(BIN)/python tests/bench/report.py bench-results/bench.json --svg bench-results/restore.svg
+	$(BIN)/python tests/bench/report.py bench-results/bench.json --svg bench-results/bench.svg
 
 proto: venv
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. pytest_vmfork/proto/agent.proto

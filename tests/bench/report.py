@@ -1,12 +1,13 @@
 """Turn the benchmarks' JSON (pytest-benchmark ``--benchmark-json``) into a table and a plot.
 
-    python tests/bench/report.py [bench-results/bench.json] [--svg bench-results/restore.svg]
+    python tests/bench/report.py [bench-results/bench.json] [--svg bench-results/bench.svg]
 
 Prints: every benchmark's rounds and p50/p95/max (ms, pytest-benchmark's own
 timing of the benchmarked call), the restore-to-healthy figures and stage
-breakdown from ``vm.timings``, the cold boot / restore ratio, forks/s and PSS.
-Writes an SVG histogram of the per-round restore-to-healthy times (standard
-library only; no plotting dependency).
+breakdown from ``vm.timings``, fork + first exec, CPU per small test, the cold
+boot / restore ratio, forks/s and PSS. Draws one SVG picture of what a user pays:
+every fork's wait (restore-to-healthy, and fork + first exec) and, when the bench
+has it, the CPU per small test (standard library only; no plotting dependency).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ STAGES = (
     "handoff_ms",
     "restore_to_healthy_ms",
 )
-SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
+SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+CPU_COLOURS = ("#17becf", "#bcbd22", "#e377c2")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -134,6 +136,18 @@ def report(doc: dict[str, Any]) -> str:
                          float(st.get("pool_wait_ms", float("nan"))), f"{info['prewarmed']}/{info['rounds']}"])
         out.append(table(["path", "rounds", "p50", "p95", "restore p50", "exec p50", "session wait", "rpc",
                           "spawn", "run", "pool wait", "pre-warmed"], rows))
+    cpus = by_kind(benches, CPU_KIND)
+    if cpus:
+        out += ["", "CPU per small test (fork + its commands + close; CPU seconds, QEMU + host)"]
+        rows = []
+        for b in cpus:
+            info = b["extra_info"]
+            for key, part in (("cpu_s", "QEMU + host"), ("qemu_cpu_s", "of it QEMU"), ("host_cpu_s", "of it host Python")):
+                if info.get(key):
+                    v = info[key]
+                    rows.append([f"{info.get('label') or 'small test'}, {part}", len(v),
+                                 *(f"{x:.2f}" for x in (statistics.median(v), percentile(v, 0.95), max(v)))])
+        out.append(table(["series", "tests", "p50 s", "p95 s", "max s"], rows))
     for b in by_kind(benches, "tcg_blocks"):
         cold, warm = b["extra_info"]["cold_fork"], b["extra_info"]["prewarmed_fork"]
         out += ["", "TCG translation blocks made per stage (HMP `info jit`; each is guest code run for the "
@@ -277,111 +291,149 @@ def report(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-# --- SVG histogram -------------------------------------------------------------
+# --- the picture: what a user pays, beside restore-to-healthy --------------------
+
+#: The CPU series the bench writes (tests/bench/test_bench.py): extra_info ``kind``
+#: ``cpu_per_small_test`` with ``cpu_s``, one float per small test (CPU seconds of its
+#: fork + commands + close, QEMU and host together); optional ``qemu_cpu_s`` and
+#: ``host_cpu_s`` (the same tests, split) and ``label``.
+CPU_KIND = "cpu_per_small_test"
+#: Approximate advance of one character of DejaVu Sans, as a fraction of the font size
+#: (its widest lower-case letters are ~0.65 em, digits 0.64): used to lay text out
+#: so that nothing runs past the picture's edge.
+CHAR_EM = 0.64
 
 
-def nice_step(span: float, target_bins: int = 24) -> float:
-    raw = max(span / target_bins, 1e-9)
-    exp = 10 ** math.floor(math.log10(raw))
+def text_width(text: str, size: float) -> float:
+    """Upper estimate of the rendered width of ``text`` at font ``size`` (px)."""
+    return len(text) * size * CHAR_EM
+
+
+def wait_series(doc: dict[str, Any]) -> list[tuple[str, list[float]]]:
+    """(label, per-round ms) of every series a test waits through: restore-to-healthy
+    of each fork kind, then fork + first exec of each path."""
+    benches = doc.get("benchmarks", [])
+    out = [(f"restore-to-healthy, {series_name(b)}", list(b["extra_info"]["restore_to_healthy_ms"]))
+           for b in by_kind(benches, "restore") if b["extra_info"].get("restore_to_healthy_ms")]
+    for b in by_kind(benches, "first_result"):
+        info = b["extra_info"]
+        if info.get("fork_first_exec_ms"):
+            work = "" if info.get("test_work_s") is None else f", tests of {info['test_work_s']:g} s"
+            out.append((f"fork + first exec, {info['path']}{work}", list(info["fork_first_exec_ms"])))
+    return out
+
+
+def cpu_series(doc: dict[str, Any]) -> list[tuple[str, list[float]]]:
+    """(label, per-test CPU seconds) of the ``cpu_per_small_test`` series, if any."""
+    out = []
+    for b in by_kind(doc.get("benchmarks", []), CPU_KIND):
+        info = b["extra_info"]
+        name = info.get("label") or "CPU per small test"
+        if info.get("cpu_s"):
+            out.append((f"{name}, QEMU + host", list(info["cpu_s"])))
+        for key, part in (("qemu_cpu_s", "QEMU"), ("host_cpu_s", "host Python")):
+            if info.get(key):
+                out.append((f"{name}, of it {part}", list(info[key])))
+    return out
+
+
+def figures(values: Sequence[float], unit: str) -> str:
+    """The text right of a strip: p50, p95 and the count."""
+    return (f"p50 {statistics.median(values):.3g} {unit}  p95 {percentile(values, 0.95):.3g} {unit}"
+            f"  (n={len(values)})")
+
+
+def nice_top(value: float) -> float:
+    """The smallest 1, 2, 2.5 or 5 x 10^k at or above ``value`` (an axis end)."""
+    if value <= 0:
+        return 1.0
+    exp = 10 ** math.floor(math.log10(value))
     for m in (1, 2, 2.5, 5, 10):
-        if raw <= m * exp:
+        if value <= m * exp:
             return m * exp
     return 10 * exp
 
 
-def histogram_svg(series: list[tuple[str, list[float]]], title: str, subtitle: str = "") -> str:
-    width, height = 860, 460
-    left, right, top, bottom = 70, 30, 86, 60
-    plot_w, plot_h = width - left - right, height - top - bottom
-    values = [v for _, vals in series for v in vals]
-    lo, hi = min(values), max(values)
-    step = nice_step(hi - lo if hi > lo else 1.0)
-    start = math.floor(lo / step) * step
-    nbins = max(1, int(math.floor((hi - start) / step)) + 1)
-    counts = []
-    for _, vals in series:
-        c = [0] * nbins
-        for v in vals:
-            c[min(nbins - 1, int((v - start) // step))] += 1
-        counts.append(c)
-    ymax = max(max(c) for c in counts)
-    yticks = max(1, math.ceil(ymax / 6))
-    ytop = math.ceil((ymax + 0.5) / yticks) * yticks  # headroom above the tallest bar
-    x_of = lambda v: left + (v - start) / (nbins * step) * plot_w  # noqa: E731
-    y_of = lambda n: top + plot_h - n / ytop * plot_h  # noqa: E731
+def _panel(svg: list[str], rows: list[tuple[str, list[float]]], *, top: float, left: float, plot_w: float,
+           unit: str, axis: str, title: str, colour_of: Any) -> float:
+    """One strip plot: a row per series (every sample a dot, p50 a bar, p5-p95 a line),
+    its label left of the plot and its figures right of it. Returns the y below it."""
+    row_h, size = 26, 12
+    svg.append(f'<text x="{left}" y="{top + 14}" font-size="13" font-weight="bold">{escape(title)}</text>')
+    top += 26
+    hi = nice_top(max(max(v) for _, v in rows))
 
-    svg = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="16" font-weight="bold">'
-        f"{escape(title)}</text>",
+    def x_of(v: float) -> float:
+        return left + min(v / hi, 1.0) * plot_w
+
+    bottom = top + row_h * len(rows)
+    for i in range(5):  # grid and axis labels
+        x = left + plot_w * i / 4
+        svg.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" stroke="#e5e5e5"/>')
+        svg.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle" fill="#333">'
+                   f"{hi * i / 4:g}</text>")
+    svg.append(f'<text x="{left + plot_w / 2:.1f}" y="{bottom + 32}" text-anchor="middle">{escape(axis)}</text>')
+    for r, (name, values) in enumerate(rows):
+        y = top + row_h * r + row_h / 2
+        colour = colour_of(r)
+        p50, lo, p95 = statistics.median(values), percentile(values, 0.05), percentile(values, 0.95)
+        svg.append(f'<text x="{left - 10}" y="{y + 4:.1f}" text-anchor="end" font-size="{size}">'
+                   f"{escape(name)}</text>")
+        svg.append(f'<line x1="{x_of(lo):.1f}" y1="{y:.1f}" x2="{x_of(p95):.1f}" y2="{y:.1f}" '
+                   f'stroke="{colour}" stroke-width="2"/>')
+        for k, v in enumerate(values):  # a fixed vertical spread, so equal values stay visible
+            dy = ((k * 7) % 11 - 5) * 0.9
+            svg.append(f'<circle cx="{x_of(v):.1f}" cy="{y + dy:.1f}" r="2.6" fill="{colour}" '
+                       f'fill-opacity="0.45"/>')
+        svg.append(f'<rect x="{x_of(p50) - 1.5:.1f}" y="{y - 9:.1f}" width="3" height="18" fill="{colour}">'
+                   f"<title>{escape(name)}: p50 {p50:.4g} {unit}</title></rect>")
+        svg.append(f'<text x="{left + plot_w + 10}" y="{y + 4:.1f}" font-size="{size}" fill="{colour}">'
+                   f"{escape(figures(values, unit))}</text>")
+    svg.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#333"/>')
+    return bottom + 44
+
+
+def picture_svg(doc: dict[str, Any]) -> str:
+    """What a user pays per test, beside restore-to-healthy: a strip plot of every
+    wait series (ms) and, when the bench has it, of the CPU per small test (s). Every
+    label sits in a margin sized from its text, so nothing is cut off at an edge."""
+    waits, cpus = wait_series(doc), cpu_series(doc)
+    if not waits and not cpus:
+        raise ValueError("the bench JSON has no restore, first_result or cpu_per_small_test series to draw")
+    labels = [name for name, _ in waits + cpus]
+    left = 24 + max(text_width(n, 12) for n in labels)
+    right = 24 + max([text_width(figures(v, "ms"), 12) for _, v in waits]
+                     + [text_width(figures(v, "s"), 12) for _, v in cpus])
+    plot_w = 420.0
+    width = left + plot_w + right
+    machine = doc.get("machine_info", {})
+    title = "pytest-vmfork: what a test waits for, and what it costs"
+    subtitle = (f"{doc.get('datetime', '')[:19]}  {machine.get('node', '')}, "
+                f"{machine.get('cpu', {}).get('count', '?')} CPUs; every dot one fork; bar p50, line p5-p95")
+    width = max(width, 24 + text_width(title, 16), 24 + text_width(subtitle, 12))
+    svg: list[str] = []
+    y = 70.0
+    if waits:
+        y = _panel(svg, waits, top=y, left=left, plot_w=plot_w, unit="ms", axis="ms from the fork request",
+                   title="wait per test: restore-to-healthy, and fork + first command",
+                   colour_of=lambda r: SERIES_COLOURS[r % len(SERIES_COLOURS)])
+    if cpus:
+        y = _panel(svg, cpus, top=y, left=left, plot_w=plot_w, unit="s", axis="CPU seconds per test",
+                   title="CPU per small test (fork + its commands + close)",
+                   colour_of=lambda r: CPU_COLOURS[r % len(CPU_COLOURS)])
+    else:
+        svg.append(f'<text x="{left}" y="{y:.1f}" fill="#777">no {CPU_KIND} series in this bench JSON</text>')
+        y += 24
+    height = y
+    head = [
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+         f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="DejaVu Sans, Arial, sans-serif" font-size="12">'),
+        f'<rect width="{width:.0f}" height="{height:.0f}" fill="white"/>',
+        (f'<text x="{width / 2:.1f}" y="26" text-anchor="middle" font-size="16" font-weight="bold">'
+         f"{escape(title)}</text>"),
+        f'<text x="{width / 2:.1f}" y="46" text-anchor="middle" fill="#555">{escape(subtitle)}</text>',
     ]
-    if subtitle:
-        svg.append(f'<text x="{width / 2}" y="44" text-anchor="middle" fill="#555">{escape(subtitle)}</text>')
-    for i in range(0, ytop + 1, yticks):  # y grid and labels
-        y = y_of(i)
-        svg.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#e5e5e5"/>')
-        svg.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{i}</text>')
-    label_every = max(1, math.ceil(nbins / 12))
-    for i in range(nbins + 1):  # x ticks at bin edges
-        x = x_of(start + i * step)
-        svg.append(
-            f'<line x1="{x:.1f}" y1="{top + plot_h}" x2="{x:.1f}" y2="{top + plot_h + 5}" stroke="#333"/>'
-        )
-        if i % label_every == 0:
-            svg.append(
-                f'<text x="{x:.1f}" y="{top + plot_h + 20}" text-anchor="middle">{start + i * step:g}</text>'
-            )
-    bin_w = plot_w / nbins
-    bar_w = bin_w * 0.9 / len(series)
-    for s, c in enumerate(counts):
-        colour = SERIES_COLOURS[s % len(SERIES_COLOURS)]
-        for i, n in enumerate(c):
-            if n:
-                x = left + i * bin_w + bin_w * 0.05 + s * bar_w
-                svg.append(
-                    f'<rect x="{x:.1f}" y="{y_of(n):.1f}" width="{bar_w:.1f}" '
-                    f'height="{top + plot_h - y_of(n):.1f}" '
-                    f'fill="{colour}" fill-opacity="0.85"><title>{escape(series[s][0])}: {n} forks in '
-                    f"[{start + i * step:g}, {start + (i + 1) * step:g}) ms</title></rect>"
-                )
-    # p50 markers; the lowest p50's label sits left of its line, the others right, so they never cross
-    order = sorted(range(len(series)), key=lambda i: statistics.median(series[i][1]))
-    for rank, s in enumerate(order):
-        colour = SERIES_COLOURS[s % len(SERIES_COLOURS)]
-        p50 = statistics.median(series[s][1])
-        x = x_of(p50)
-        svg.append(
-            f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{colour}" '
-            f'stroke-width="2" stroke-dasharray="6,4"/>'
-        )
-        tx, anchor = (x - 4, "end") if rank == 0 and len(series) > 1 else (x + 4, "start")
-        svg.append(
-            f'<text x="{tx:.1f}" y="{top + 14 + 16 * max(0, rank - 1)}" text-anchor="{anchor}" '
-            f'fill="{colour}" stroke="white" stroke-width="3" paint-order="stroke">p50 {p50:.0f} ms</text>'
-        )
-    svg.append(
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>'
-    )
-    svg.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>')
-    svg.append(
-        f'<text x="{left + plot_w / 2}" y="{height - 18}" text-anchor="middle">'
-        f"restore-to-healthy per fork (ms), bins of {step:g} ms</text>"
-    )
-    svg.append(
-        f'<text x="18" y="{top + plot_h / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 18 {top + plot_h / 2})">forks (rounds)</text>'
-    )
-    lx, ly = left, top - 22  # legend: one row between the title and the plot
-    for s, (name, vals) in enumerate(series):
-        colour = SERIES_COLOURS[s % len(SERIES_COLOURS)]
-        text = f"{name} (n={len(vals)}, p95 {percentile(vals, 0.95):.0f} ms, max {max(vals):.0f} ms)"
-        svg.append(f'<rect x="{lx}" y="{ly - 10}" width="14" height="12" fill="{colour}"/>')
-        svg.append(f'<text x="{lx + 20}" y="{ly}">{escape(text)}</text>')
-        lx += 20 + 7 * len(text) + 24
-    svg.append("</svg>")
-    return "\n".join(svg) + "\n"
+    return "\n".join([*head, *svg, "</svg>"]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         "--svg",
         default=None,
         type=Path,
-        help="histogram of restore-to-healthy (default: restore.svg next to the JSON)",
+        help="the picture: wait per test and CPU per small test (default: bench.svg next to the JSON)",
     )
     args = parser.parse_args(argv)
     try:
@@ -400,20 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: cannot read {args.json}: {exc}; run `make bench` first", file=sys.stderr)
         return 2
     print(report(doc))
-    series = [
-        (series_name(b), b["extra_info"]["restore_to_healthy_ms"])
-        for b in by_kind(doc.get("benchmarks", []), "restore")
-        if b["extra_info"].get("restore_to_healthy_ms")
-    ]
-    if series:
-        svg_path = args.svg or args.json.with_name("restore.svg")
-        machine = doc.get("machine_info", {})
-        subtitle = (
-            f"{doc.get('datetime', '')[:19]}  {machine.get('node', '')}, "
-            f"{machine.get('cpu', {}).get('count', '?')} CPUs; one fresh fork per round"
-        )
-        svg_path.write_text(histogram_svg(series, "pytest-vmfork: fork restore-to-healthy", subtitle))
-        print(f"\nhistogram: {svg_path}")
+    try:
+        picture = picture_svg(doc)
+    except ValueError as exc:
+        print(f"\nno picture: {exc}")
+        return 0
+    svg_path = args.svg or args.json.with_name("bench.svg")
+    svg_path.write_text(picture)
+    print(f"\npicture: {svg_path}")
     return 0
 
 
