@@ -1,4 +1,4 @@
-"""Fork figures of the stock template, for comparing two checkouts (README "Measured").
+"""Fork figures of the stock template, for comparing two checkouts (docs/performance.md).
 
     python tests/bench/fork_ab.py CACHE_DIR FORKS LABEL
 

@@ -1,4 +1,4 @@
-"""Memory and speed of forks under QEMU host-side knobs (README "Measured", issue #12).
+"""Memory and speed of forks under QEMU host-side knobs (docs/performance.md, issue #12).
 
     python -m tests.bench.fork_knobs [--blocks 3] [--forks 10] [--concurrent 20] CONFIG...
 

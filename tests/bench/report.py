@@ -422,7 +422,7 @@ def picture_svg(doc: dict[str, Any]) -> str:
                    title="CPU per small test (fork + its commands + close)",
                    colour_of=lambda r: CPU_COLOURS[r % len(CPU_COLOURS)])
     else:
-        svg.append(f'<text x="{left}" y="{y:.1f}" fill="#777">no {CPU_KIND} series in this bench JSON</text>')
+        svg.append(f'<text x="{left}" y="{y + 8:.1f}" fill="#777">no {CPU_KIND} series in this bench JSON</text>')
         y += 24
     height = y
     head = [
