@@ -61,6 +61,8 @@ def test_the_readme_is_short_and_has_its_sections_in_order() -> None:
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; at most {README_MAX_LINES}"
     sections = [line[3:] for line in lines if line.startswith("## ")]
     assert sections == list(README_SECTIONS), sections
+    fast = lines[lines.index("## How fast"):lines.index("## CI")]
+    assert 3 <= sum(line.startswith("|") for line in fast) <= 8, "the How fast table has at most 8 lines"
 
 
 def test_the_readme_renders_on_a_package_index_without_relative_links() -> None:
