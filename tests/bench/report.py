@@ -344,11 +344,12 @@ def figures(values: Sequence[float], unit: str) -> str:
 
 
 def nice_top(value: float) -> float:
-    """The smallest 1, 2, 2.5 or 5 x 10^k at or above ``value`` (an axis end)."""
+    """The smallest round axis end at or above ``value``: m x 10^k with m one of
+    1, 1.2, 1.6, 2, 2.4, 3, 4, 5, 6, 8, so its quarters are round too."""
     if value <= 0:
         return 1.0
     exp = 10 ** math.floor(math.log10(value))
-    for m in (1, 2, 2.5, 5, 10):
+    for m in (1, 1.2, 1.6, 2, 2.4, 3, 4, 5, 6, 8, 10):
         if value <= m * exp:
             return m * exp
     return 10 * exp
