@@ -24,7 +24,10 @@ def bench(kind: str, name: str, **info: Any) -> dict[str, Any]:
 
 def doc(*, with_cpu: bool) -> dict[str, Any]:
     rnd = random.Random(21)
-    ms = lambda mid: [round(rnd.uniform(0.8, 1.3) * mid, 1) for _ in range(12)]  # noqa: E731
+
+    def ms(mid: float) -> list[float]:
+        return [round(rnd.uniform(0.8, 1.3) * mid, 1) for _ in range(12)]
+
     benches = [
         bench("restore", "test_restore_to_healthy_tap_and_mailbox", snapshot="template", network="tap",
               mailbox_payload=True, rounds=12, restore_to_healthy_ms=ms(240),
