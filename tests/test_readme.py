@@ -84,7 +84,7 @@ def test_every_document_the_readme_names_exists() -> None:
 
 @pytest.mark.vm
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_readme_example_runs_as_written(name: str, tmp_path: Path) -> None:
+def test_documented_example_runs_as_written(name: str, tmp_path: Path) -> None:
     blocks = EXAMPLES[name]
     files = {label: text for label, text in blocks if label != "shell"}
     tests = [label for label in files if Path(label).name.startswith("test_")]

@@ -1,6 +1,6 @@
 """What a test waits for (fork + first exec) with the pre-warmed pool, with the pool as
 it was before (QEMU spawned and device state loaded ahead, resumed at the request) and
-without a pool, in alternating blocks (docs/performance.md, "Time to first result"):
+without a pool, in alternating blocks (docs/performance.md, "Restore and time to first result"):
 
     PYTHONPATH=. .venv/bin/python tests/bench/pool_ab.py CACHE_DIR FORKS ROUNDS WORK_S
 
