@@ -428,9 +428,12 @@ def prune(
         child_dir = {"images": "snapshots", "roots": "images"}.get(e.kind_dir)
         return [c for c in left.values() if c.kind_dir == child_dir and c.parent == e.key]
 
+    tried: set[tuple[str, str]] = set()
+
     def attempt(e: CacheEntry, reason: str) -> None:
-        if (e.kind_dir, e.key) not in left:
+        if (e.kind_dir, e.key) not in left or (e.kind_dir, e.key) in tried:
             return
+        tried.add((e.kind_dir, e.key))
         if users := children(e):
             report.skipped.append(PruneItem(e, f"still needed by {users[0].kind} {users[0].key[:24]}"))
             return
