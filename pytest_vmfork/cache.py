@@ -464,7 +464,31 @@ def prune(
             attempt(e, f"least recently used ({format_age(now - e.used)}) while the cache is over "
                        f"{format_size(max_size)}")
     report.size_after = sum(e.disk_bytes for e in left.values())
+    if not dry_run:
+        _drop_stale_stamps(cache)
     return report
+
+
+def _drop_stale_stamps(cache: Path) -> None:
+    """Remove the stamps of entries removed by other means (a run's own layers, ``vmfork gc --kept``)."""
+    for sub in KINDS_DIRS.values():
+        folder = cache / sub
+        for stamp in folder.glob(f"*{STAMP_SUFFIX}") if folder.is_dir() else []:
+            entry = folder / stamp.name[: -len(STAMP_SUFFIX)]
+            if entry.exists():
+                continue
+            try:
+                fd = os.open(stamp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not entry.exists():  # a holder re-checks the entry after its lock: nothing can miss it
+                    stamp.unlink(missing_ok=True)
+            except OSError:
+                pass  # held: a live process still has it open
+            finally:
+                os.close(fd)
 
 
 def enforce_max_size(cache_dir: Path | str, max_size: int, progress: Callable[[str], None]) -> PruneReport:

@@ -193,3 +193,33 @@ def test_the_accelerator_verdict_is_one_line_and_silent_when_cached_unless_verbo
     else:
         assert lines[0] == "vmfork: accelerator kvm"
     assert "Assertion" not in loud
+
+
+COUNTING = """
+import pytest
+from pytest_vmfork import cache
+
+calls = []
+_real = cache.record_use
+
+def counting(entry, **kw):
+    calls.append(str(entry))
+    return _real(entry, **kw)
+
+cache.record_use = counting
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"record_use calls: {len(calls)}")
+"""
+
+
+def test_last_use_is_recorded_once_per_lookup_never_per_fork(tmp_path, vmfork_snapshot):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text(CONFTEST + COUNTING)
+    (suite / "test_many.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('n', range(4))\ndef test_fork(vm, n):\n    pass\n")
+    code, out = finish(inner_pytest(suite, "--vmfork-accel=tcg", env=inner_env(vmfork_snapshot.dir.parent.parent)),
+                       RUN_TIMEOUT)
+    assert code == 0, out
+    assert "4 passed" in out and "record_use calls: 2" in out, out  # the snapshot and its image, once

@@ -156,3 +156,12 @@ def test_the_kvm_verdict_reason_is_its_first_line_without_qemu_prefixes() -> Non
               "qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion `ret == "
               "cpu->kvm_msr_buf->nmsrs' failed.")
     assert short_reason(stored) == "QEMU exited under KVM: failed to set MSR 0x10a to 0x69"
+
+
+def test_a_prune_drops_the_stamps_of_entries_removed_by_other_means(tmp_path) -> None:
+    entries = make_cache(tmp_path)
+    assert cache.record_use(entries["snapshot"])
+    cache.release_all()
+    shutil.rmtree(entries["snapshot"])  # as layer.discard or vmfork gc --kept do
+    cache.prune(tmp_path, older_than=30 * DAY)
+    assert not cache.stamp_path(entries["snapshot"]).exists()
