@@ -166,8 +166,8 @@ def test_a_bad_size_cap_is_a_usage_error_naming_the_accepted_forms(tmp_path, pyt
     pytester.makepyfile("def test_x():\n    pass\n")
     result = pytester.runpytest_subprocess("--vmfork-cache-max-size=lots")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*vmfork cache max size 'lots' is not a size: use a number of bytes or one "
-                                 "with a unit K, M, G or T*10G*"])
+    result.stderr.fnmatch_lines([("*vmfork cache max size 'lots' is not a size: use a number of bytes or one "
+                                  "with a unit K, M, G or T*10G*")])
 
 
 def test_the_accelerator_verdict_is_one_line_and_silent_when_cached_unless_verbose(tmp_path, vmfork_snapshot):

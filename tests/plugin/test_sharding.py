@@ -57,7 +57,7 @@ def test_two_shards_with_copies_of_one_cache_are_both_cache_hits_and_run_every_t
     subprocess.run(["cp", "-a", str(shared / "probes"), str(artefact)], check=True)
 
     collected = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q"],
-                               cwd=suite, env=env_for(tmp_path / "unused"), capture_output=True, text=True)
+                               cwd=suite, env=env_for(tmp_path / "unused"), capture_output=True, text=True, check=True)
     ids = [line for line in collected.stdout.splitlines() if "::" in line]
     assert len(ids) == 7, collected.stdout
 
