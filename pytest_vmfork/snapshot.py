@@ -249,8 +249,10 @@ class SnapshotStore:
                     why = incompatibility(snap.manifest, self.accel)
                     if why:
                         self.progress(f"vmfork: cached snapshot {key} does not fit this host ({why}); rebuilding")
-                    elif (not rebuild or snap.manifest.get("run_id") == run.run_id) and record_use(snap):
-                        return snap
+                    elif not rebuild or snap.manifest.get("run_id") == run.run_id:
+                        if record_use(snap):
+                            return snap
+                        self.progress(f"vmfork: the image of cached snapshot {key} was pruned just now; rebuilding")
             snap = self._build(template, key, final, run)
             record_use(snap)
             return snap
@@ -259,7 +261,8 @@ class SnapshotStore:
         t0 = time.monotonic()
         img = image_mod.build_image(template.image_spec(), self.cache_dir, progress=self.progress,
                                     options=self.build)
-        if not cache.record_use(img.dir):  # pruned just now: build it again
+        if not cache.record_use(img.dir):
+            self.progress(f"vmfork: image {img.key[:12]} was pruned just now; building it again")
             img = image_mod.build_image(template.image_spec(), self.cache_dir, progress=self.progress,
                                         options=self.build)
             cache.record_use(img.dir)
