@@ -13,7 +13,8 @@ old image, root and snapshot behind. So every cache hit calls :func:`record_use`
 which writes the time into a stamp file beside the entry (``<key>.used``; the time
 is the file's *content*, so a cache copied without its timestamps keeps it) and
 takes a shared ``flock`` on that stamp for the rest of the process. No fsync, and
-once per entry and process (a lookup, never a fork). The shared lock is the
+at most twice per entry and process (its lookup and its first fork, never every
+fork). The shared lock is the
 liveness record: it vanishes with the process however it dies, so a run that
 crashed never pins an entry, and :func:`prune` can tell exactly which entries a
 live run uses (its exclusive try fails).

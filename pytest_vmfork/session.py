@@ -108,6 +108,8 @@ class VMForkSession:
     def fork(self, snapshot: Snapshot, mailboxes: dict[str, Any] | None = None) -> VM:
         network = self.network()
         pool = self.pools.get(snapshot.key)
+        if snapshot.key not in self.foreign:  # once per snapshot: vm.snapshot()'s and vm_factory(snapshot=)'s too
+            record_use(snapshot)
         vm = fork(
             snapshot,
             run=self.run,
