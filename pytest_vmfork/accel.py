@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+from . import cache
 from . import image as image_mod
 from .errors import ConfigError
 from .template import Template
@@ -24,6 +26,7 @@ from .vmm import QEMU_BINARY, qemu_version
 
 PROBE_TIMEOUT_S = 20.0
 PROBE_MARKER = b"Run /init as init process"
+_QEMU_PREFIX = re.compile(r"qemu-system-\w+: (error: )?")
 
 
 def probe_kvm(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
@@ -55,35 +58,44 @@ def probe_kvm(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> t
 
 
 def resolve_accel(setting: str, cache_dir: Path, template: Template, progress: Callable[[str], None],
-                  options: image_mod.BuildOptions | None = None) -> str:
+                  options: image_mod.BuildOptions | None = None, *, verbose: bool = False) -> str:
     """Turn the ``accel`` setting (auto/tcg/kvm) into the accelerator to use.
 
-    The probe runs once per (image, QEMU, host kernel); its verdict is cached and
-    reported in one line saying why and where the verdict is kept.
+    The probe runs once per (image, QEMU, host kernel) and its verdict is cached.
+    The verdict is reported in one line when it was probed now (or with
+    ``verbose``), never QEMU's whole diagnosis: that is in the verdict file.
     """
     if setting == "tcg":
         return "tcg"
     img = image_mod.build_image(template.image_spec(), cache_dir, progress=progress,
                                 options=options or image_mod.BuildOptions())
-    cache = probe_cache_path(cache_dir, img.key)
+    cache.record_use(img.dir)
+    path = probe_cache_path(cache_dir, img.key)
     try:
-        verdict = json.loads(cache.read_text())
-        how = "cached"
+        verdict = json.loads(path.read_text())
+        probed = False
     except (OSError, ValueError):
         ok, reason = probe_kvm(img.kernel, img.initrd)
         verdict = {"ok": ok, "reason": reason}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(verdict))
-        how = "probed"
-    reason = one_line(str(verdict.get("reason", "")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(verdict))
+        probed = True
+    reason = short_reason(str(verdict.get("reason", "")))
     if setting == "kvm" and not verdict.get("ok"):
         raise ConfigError(
-            f"--vmfork-accel=kvm, but KVM cannot boot the guest kernel here: {reason}; "
+            f"--vmfork-accel=kvm, but KVM cannot boot the guest kernel here: {reason} (details: {path}); "
             "use --vmfork-accel=tcg or auto"
         )
-    accel = "kvm" if verdict.get("ok") else "tcg"
-    progress(f"vmfork: accelerator {accel}: {reason} ({how}; verdict kept in {cache})")
-    return accel
+    if probed or verbose:
+        progress(verdict_line(bool(verdict.get("ok")), reason, path))
+    return "kvm" if verdict.get("ok") else "tcg"
+
+
+def verdict_line(ok: bool, reason: str, path: Path) -> str:
+    """``vmfork: accelerator tcg (KVM unusable: <reason>; details: <file>)``."""
+    if ok:
+        return "vmfork: accelerator kvm"
+    return f"vmfork: accelerator tcg (KVM unusable: {reason}; details: {path})"
 
 
 def probe_cache_path(cache_dir: Path, image_key: str) -> Path:
@@ -96,3 +108,10 @@ def one_line(text: str, limit: int = 200) -> str:
     """A multi-line diagnosis (QEMU's assertion text) as one short line."""
     flat = " ".join(part.strip() for part in text.splitlines() if part.strip())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def short_reason(text: str, limit: int = 100) -> str:
+    """The first line of a probe's diagnosis, without QEMU's program-name prefixes:
+    ``QEMU exited under KVM: failed to set MSR 0x10a to 0x69``."""
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "no reason recorded")
+    return one_line(_QEMU_PREFIX.sub("", first), limit)

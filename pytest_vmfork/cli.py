@@ -6,6 +6,7 @@
     vmfork kept [--cache-dir D]
     vmfork exec NAME -- cat /tmp/what-the-failed-test-wrote
     vmfork shell NAME
+    vmfork cache [prune [--older-than 30d] [--max-size 10G] [--dry-run]] [--cache-dir D]
     vmfork gc [--dry-run] [--kept] [--orphan-links] [--lease-dir D] [--cache-dir D]
     vmfork doctor [--cache-dir D]
 """
@@ -67,7 +68,7 @@ def _snapshot(args: argparse.Namespace, run: Run) -> Snapshot:
     progress = print
     private.private_dir(args.cache_dir, "cache directory")
     build = _build_options(args)
-    accel = resolve_accel(args.accel, args.cache_dir, template, progress, build)
+    accel = resolve_accel(args.accel, args.cache_dir, template, progress, build, verbose=True)
     store = SnapshotStore(args.cache_dir, accel=accel, progress=progress, build=build)
     return store.get(template, run=run, rebuild=getattr(args, "rebuild", False))
 
@@ -172,6 +173,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List the cache's entries, or prune them (``vmfork cache prune``)."""
+    from . import cache
+
+    if args.action is None:
+        print(cache.format_entries(cache.list_entries(args.cache_dir)))
+        return 0
+    older = cache.parse_age(args.older_than, "--older-than") if args.older_than is not None else None
+    size = cache.parse_size(args.max_size, "--max-size") if args.max_size is not None else None
+    if older is None and size is None and not args.orphans:
+        raise ConfigError("vmfork cache prune needs --older-than AGE (e.g. 30d), --max-size SIZE (e.g. 10G) "
+                          "or --orphans (only entries whose dependants are gone)")
+    print(cache.prune(args.cache_dir, older_than=older, max_size=size, dry_run=args.dry_run).format())
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor
 
@@ -230,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lease root (default /run/vmfork, else <tmp>/vmfork-<uid>/leases)")
     g.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     g.set_defaults(func=cmd_gc)
+
+    c = sub.add_parser("cache", help="list the cache's entries (kind, key, size on disk, last use, what); "
+                       "`vmfork cache prune` removes unused ones")
+    c.add_argument("action", nargs="?", choices=["prune"], help="prune: remove entries no live run uses")
+    c.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    c.add_argument("--older-than", metavar="AGE",
+                   help="prune entries last used longer ago than AGE (e.g. 30d, 12h, 2w)")
+    c.add_argument("--max-size", metavar="SIZE",
+                   help="then prune least recently used entries until the cache is at most SIZE (e.g. 10G)")
+    c.add_argument("--orphans", action="store_true",
+                   help="prune only entries whose dependants are gone (always part of a prune)")
+    c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    c.set_defaults(func=cmd_cache)
 
     kp = sub.add_parser("kept", help="list the failed tests' VMs kept by --vmfork-keep-failed")
     kp.add_argument("--cache-dir", type=Path, default=default_cache_dir())

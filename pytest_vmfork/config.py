@@ -64,6 +64,12 @@ def _apt_sources(value: Any) -> str:
     return str(value)
 
 
+def _cache_max_size(value: Any) -> int:
+    from .cache import parse_size
+
+    return parse_size(value, "vmfork cache max size")  # ConfigError naming the accepted forms
+
+
 def _build_mode(value: Any) -> str:
     from .rootfs import MODES
 
@@ -131,6 +137,9 @@ OPTIONS: tuple[Option, ...] = (
            _accel, lambda: "auto", env="VMFORK_ACCEL"),
     Option("vmfork_cache_dir", "where images and snapshots are cached (default ~/.cache/pytest-vmfork)",
            lambda v: Path(str(v)).expanduser(), default_cache_dir, env="VMFORK_CACHE_DIR"),
+    Option("vmfork_cache_max_size", "cap on the cache's size on disk (e.g. 10G), enforced when a run ends by "
+           "removing the least recently used entries no live run uses (default: no cap; see vmfork cache prune)",
+           _cache_max_size, lambda: None, env="VMFORK_CACHE_MAX_SIZE"),
     Option("vmfork_rebuild", "boot the template again and retake the snapshot (once per run); "
            "the image is rebuilt only if its inputs changed", _bool("vmfork_rebuild"), lambda: False,
            flag_type="bool"),
@@ -168,6 +177,7 @@ OPTIONS: tuple[Option, ...] = (
 class Settings:
     accel: str = "auto"
     cache_dir: Path = Path(".")
+    cache_max_size: int | None = None  # bytes
     rebuild: bool = False
     keep_failed: bool = False
     ready_timeout: float = 30.0

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import private
 from .errors import ConfigError
-from .snapshot import MANIFEST, Snapshot
+from .snapshot import MANIFEST, Snapshot, record_use
 
 KEY_PREFIX = "kept_"
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -70,6 +70,8 @@ def find_kept(cache_dir: Path, name: str, *, ram_gid: int | None = None) -> Snap
     for k in kept:
         if name in (k.name, k.key):
             private.verify_cache_entry(k.dir, ram_gid=ram_gid)  # never restore what someone else could have written
-            return Snapshot.load(k.dir)
+            snap = Snapshot.load(k.dir)
+            record_use(snap)
+            return snap
     have = ", ".join(k.name for k in kept) or "none (run pytest with --vmfork-keep-failed)"
     raise ConfigError(f"no kept VM named {name!r} in {cache_dir}; kept VMs: {have}")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from . import private
+from .cache import enforce_max_size
 from .config import OPTIONS, Settings
 from .errors import ConfigError
 from .gc import gc_at_session_start
@@ -392,3 +393,5 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state.close()
     if hasattr(cfg, "workeroutput"):
         cfg.workeroutput["vmfork_stats"] = state.stats()
+    elif state.settings.cache_max_size is not None:  # once per run, after every test and worker
+        enforce_max_size(state.settings.cache_dir, state.settings.cache_max_size, state.progress)

@@ -71,6 +71,7 @@ class SnapshotRegistry:
         rebuild: bool = False,
         progress: Progress | None = None,
         build: BuildOptions | None = None,
+        verbose: bool = False,
     ) -> None:
         if accel not in ACCELS:
             raise ConfigError(f"accel={accel!r} is not one of {', '.join(ACCELS)}")
@@ -80,6 +81,7 @@ class SnapshotRegistry:
         self.rebuild = rebuild
         self.progress: Progress = progress or (lambda message: None)
         self.build = build or BuildOptions()
+        self.verbose = verbose  # repeat a cached accelerator verdict (-v)
         self._by_content: dict[str, Snapshot] = {}
         self._by_key: dict[str, Entry] = {}
         self._lock = threading.Lock()  # one lookup at a time: a build must not run twice
@@ -97,7 +99,8 @@ class SnapshotRegistry:
                 return known
             store = SnapshotStore(
                 self.cache_dir,
-                accel=resolve_accel(self.accel, self.cache_dir, template, self.progress, self.build),
+                accel=resolve_accel(self.accel, self.cache_dir, template, self.progress, self.build,
+                                    verbose=self.verbose),
                 progress=self.progress,
                 build=self.build,
             )

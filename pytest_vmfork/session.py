@@ -26,7 +26,7 @@ from .network import RunNetwork, has_net_admin
 from .pool import WarmPool
 from .registry import SnapshotRegistry
 from .run import Run, base_dir
-from .snapshot import Snapshot, incompatibility
+from .snapshot import Snapshot, incompatibility, record_use
 from .template import Template
 
 #: the VMs a test item made (the ``vm`` fixture, ``vm_factory``), for failure reports and kept VMs
@@ -42,7 +42,7 @@ class VMForkSession:
         self.run = run
         self.registry = SnapshotRegistry(
             settings.cache_dir, run=run, accel=settings.accel, rebuild=settings.rebuild, progress=self.progress,
-            build=settings.build,
+            build=settings.build, verbose=config.getoption("verbose", 0) > 0,
         )
         self.foreign: dict[str, Snapshot] = {}  # every snapshot forked from, by key (vm_factory(snapshot=) too)
         self.restore_ms: list[float] = []
@@ -108,6 +108,8 @@ class VMForkSession:
     def fork(self, snapshot: Snapshot, mailboxes: dict[str, Any] | None = None) -> VM:
         network = self.network()
         pool = self.pools.get(snapshot.key)
+        if snapshot.key not in self.foreign:  # once per snapshot: vm.snapshot()'s and vm_factory(snapshot=)'s too
+            record_use(snapshot)
         vm = fork(
             snapshot,
             run=self.run,
@@ -159,6 +161,7 @@ class VMForkSession:
                         snap = None
             if snap is None:
                 snap = self._build_layer(base, setup, lkey, name or label, label, ephemeral=key is None)
+            record_use(snap)  # last use for `vmfork cache`; held from prunes while this process lives
         self.layers[lkey] = snap
         return snap
 

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
+from . import cache
 from . import image as image_mod
 from . import mailbox as mbx
 from . import private
@@ -249,13 +250,22 @@ class SnapshotStore:
                     if why:
                         self.progress(f"vmfork: cached snapshot {key} does not fit this host ({why}); rebuilding")
                     elif not rebuild or snap.manifest.get("run_id") == run.run_id:
-                        return snap
-            return self._build(template, key, final, run)
+                        if record_use(snap):
+                            return snap
+                        self.progress(f"vmfork: the image of cached snapshot {key} was pruned just now; rebuilding")
+            snap = self._build(template, key, final, run)
+            record_use(snap)
+            return snap
 
     def _build(self, template: Template, key: str, final: Path, run: Run) -> Snapshot:
         t0 = time.monotonic()
         img = image_mod.build_image(template.image_spec(), self.cache_dir, progress=self.progress,
                                     options=self.build)
+        if not cache.record_use(img.dir):
+            self.progress(f"vmfork: image {img.key[:12]} was pruned just now; building it again")
+            img = image_mod.build_image(template.image_spec(), self.cache_dir, progress=self.progress,
+                                        options=self.build)
+            cache.record_use(img.dir)
         staging = final.parent / f".staging-{key}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -362,6 +372,7 @@ class SnapshotStore:
                 "accel": machine.accel,
             },
             "image_key": img.key,
+            "description": template.describe(),  # for `vmfork cache`
             "qemu": qemu_version(),
             "machine_type": machine_type(),
             "cpu": cpu_fingerprint(self.accel),
@@ -382,6 +393,18 @@ class SnapshotStore:
         if problems:
             raise BuildError(f"template {name}: snapshot failed verification: {'; '.join(problems)}")
         return manifest
+
+
+def record_use(snapshot: Snapshot) -> bool:
+    """Record a use of ``snapshot`` and of the image it boots from, and keep both
+    from being pruned while this process lives (:func:`pytest_vmfork.cache.record_use`).
+    False if a prune removed either just now: the caller rebuilds."""
+    if not cache.record_use(snapshot.dir):
+        return False
+    image_key = snapshot.manifest.get("image_key")
+    if not image_key:
+        return True
+    return cache.record_use(snapshot.dir.parent.parent / "images" / str(image_key))
 
 
 def require_mailboxes(snapshot: Snapshot, names: list[str]) -> None:

@@ -160,7 +160,8 @@ def test_a_new_user_runs_a_project_of_its_own_and_a_moved_cache_hits(user: tuple
     assert "unshare mode" in first and "building guest image" in first, first[-3000:]
     assert re.search(r"snapshot \w+: built in", first), first[-3000:]
     assert "user-mode networking" in first  # no CAP_NET_ADMIN for this user
-    assert re.search(r"accelerator tcg: .* \(probed; verdict kept in .*/probes/kvm-\w+\.json\)", first), first
+    assert re.search(r"vmfork: accelerator (kvm|tcg \(KVM unusable: .*; details: .*/probes/kvm-\w+\.json\))\n",
+                     first), first
 
     # The cache moves: a copy at another path, the original gone, is a cache hit.
     moved = u.home / "elsewhere/cache"
@@ -171,6 +172,8 @@ def test_a_new_user_runs_a_project_of_its_own_and_a_moved_cache_hits(user: tuple
     assert code == 0, second[-8000:]
     assert re.search(r"\b3 passed\b", second) and re.search(r"snapshot \w+: cache hit", second), second[-3000:]
     assert "building guest image" not in second and "booting template" not in second, second[-3000:]
+    code, listing = u.run(f"{bin_dir}/vmfork cache --cache-dir {moved}")  # the moved cache's last uses
+    assert code == 0 and re.search(r"^snapshot +\w+ +\S+ +(just now|\d+m ago) +template: ", listing, re.M), listing
     left = subprocess.run(["pgrep", "-u", u.name, "qemu-system"], capture_output=True, text=True).stdout
     assert left == "", f"QEMU processes of {u.name} outlived its runs: {left}"
 
