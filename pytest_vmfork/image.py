@@ -36,7 +36,7 @@ from .errors import ConfigError, ImageBuildError
 
 #: Bump whenever this module changes what it puts into an image (the module's own
 #: bytes are deliberately not hashed, so comment edits do not force rebuilds).
-RECIPE_VERSION = 4  # 4: the kernel's module tree (modtree) attached to every image
+RECIPE_VERSION = 5  # 5: the kernel's module tree (modtree) attached to every image
 
 #: Guest Python distributions, pinned to the host venv's versions. typing_extensions is
 #: a runtime import of grpcio (grpc/_server.py), so the guest needs it as well.
@@ -44,6 +44,7 @@ GUEST_DISTRIBUTIONS = ("grpcio", "protobuf", "pyroute2", "typing_extensions")
 
 IMAGE_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img", "rootfs": "rootfs.img"}
 PVH_KERNEL = "vmlinux"  # uncompressed ELF kernel, built when it can be extracted (see kernel.extract_vmlinux)
+KERNEL_CONFIG = "config"  # the kernel's .config (Debian's config-<release>), beside vmlinuz
 MANIFEST = "manifest.json"
 _MiB = 1 << 20
 
@@ -305,6 +306,7 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
         raise ImageBuildError("cannot write the guest root filesystem: " + "; ".join(problems))
     apt = aptsources.resolve(options.apt_sources)
     guestfiles.guest_files()  # an install without the guest files fails here, before the long steps
+    user_kernel = _check_user_kernel(spec)  # a kernel that cannot run a fork: ConfigError, nothing built
     work = out / "work"
     work.mkdir(parents=True)
 
@@ -333,13 +335,13 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
                            inodes=(root.entries + len(spec.files)) * 5 // 4 + 1024, uuid=uuid)
     stage("ext4")
 
-    if spec.kernel is None:
-        for name in (*IMAGE_FILES.values(), PVH_KERNEL):
+    if user_kernel is None:
+        for name in (*IMAGE_FILES.values(), PVH_KERNEL, KERNEL_CONFIG):
             if name != IMAGE_FILES["rootfs"] and (root.dir / name).exists():
                 _link_or_copy(root.dir / name, out / name)  # the same for every image of this root
         kinfo = root.kernel
     else:
-        kinfo = _user_kernel_files(spec, root, cache_dir, work, out, progress)
+        kinfo = _user_kernel_files(*user_kernel, root, cache_dir, work, out, progress)
     stage("kernel_and_initramfs")
 
     manifest: dict[str, Any] = {
@@ -369,6 +371,7 @@ def _kernel_files(kout: Path, root_tar: Path, init_script: bytes, cache_dir: Pat
     (release,) = [p.name for p in (kdir / "lib/modules").iterdir()]
     bzimage = (kdir / f"boot/vmlinuz-{release}").read_bytes()
     (out / IMAGE_FILES["kernel"]).write_bytes(bzimage)
+    shutil.copyfile(kdir / f"boot/config-{release}", out / KERNEL_CONFIG)  # what doctor and users read
     pvh = "CONFIG_PVH=y" in (kdir / f"boot/config-{release}").read_text().split()
     if pvh and (vmlinux := kernel.extract_vmlinux(bzimage)):
         (out / PVH_KERNEL).write_bytes(vmlinux)
@@ -393,11 +396,11 @@ def _busybox(root_tar: Path, work: Path) -> Path:
     return busybox
 
 
-def _user_kernel_files(spec: ImageSpec, root: DebianRoot, cache_dir: Path, work: Path, out: Path,
-                       progress: Callable[[str], None]) -> dict[str, Any]:
-    """A user's kernel into ``out``: checked (ConfigError naming a missing option before any
-    boot), an initramfs for it, and its module tree (if given) built once per content."""
-    assert spec.kernel is not None
+def _check_user_kernel(spec: ImageSpec) -> tuple[kernel.UserKernel, Path | None] | None:
+    """A user's kernel and module tree, checked against what a fork needs (its config,
+    read without booting it): ConfigError naming the first missing option. None: Debian's."""
+    if spec.kernel is None:
+        return None
     uk = kernel.inspect_kernel(Path(spec.kernel))
     moddir = kernel.find_module_tree(Path(spec.kernel_modules)) if spec.kernel_modules else None
     if problems := uk.problems(with_modules=moddir is not None):
@@ -405,7 +408,14 @@ def _user_kernel_files(spec: ImageSpec, root: DebianRoot, cache_dir: Path, work:
     if moddir is not None and moddir.name != uk.release:
         raise ConfigError(f"Template kernel_modules={spec.kernel_modules!r} holds modules of kernel {moddir.name}, "
                           f"kernel={spec.kernel!r} is {uk.release}; pass the tree of the same build")
-    data = Path(spec.kernel).read_bytes()
+    return uk, moddir
+
+
+def _user_kernel_files(uk: kernel.UserKernel, moddir: Path | None, root: DebianRoot, cache_dir: Path, work: Path,
+                       out: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    """A user's (checked) kernel into ``out``, an initramfs for it, and its module tree
+    (if given) built once per content."""
+    data = uk.path.read_bytes()
     (out / IMAGE_FILES["kernel"]).write_bytes(data)
     if uk.kind == "elf":
         (out / PVH_KERNEL).write_bytes(data)
@@ -414,7 +424,7 @@ def _user_kernel_files(spec: ImageSpec, root: DebianRoot, cache_dir: Path, work:
     init = guestfiles.guest_files()["initramfs-init.sh"]
     order = kernel.build_initramfs(_busybox(root.tarball, work), init, moddir, out / IMAGE_FILES["initrd"],
                                    strict=False)
-    info: dict[str, Any] = {"user_kernel": spec.kernel, "release": uk.release, "config": uk.config_source,
+    info: dict[str, Any] = {"user_kernel": str(uk.path), "release": uk.release, "config": uk.config_source,
                             "modules": order}
     if moddir is not None:
         tree, built = modtree.ensure(moddir, modtree.key_for(f"tree:{modtree.tree_digest(moddir)}"), cache_dir,
@@ -508,7 +518,8 @@ def debian_root(base: ImageSpec, cache_dir: Path, *, mode: rootfs.BuildMode, apt
                 "key": key, "tar_bytes": (staging / "root.tar").stat().st_size, "used": used,
                 "entries": entries, "versions": versions, "wheels": wheels, "spec": base.describe(),
                 "kernel": kinfo, "kernel_files": {n: (staging / n).stat().st_size for n in
-                                                  (*IMAGE_FILES.values(), PVH_KERNEL) if (staging / n).exists()},
+                                                  (*IMAGE_FILES.values(), PVH_KERNEL, KERNEL_CONFIG)
+                                                  if (staging / n).exists()},
                 "build_mode": mode.name, "apt_origin": apt.origin}, indent=2, sort_keys=True))
             private.seal(staging)
             os.rename(staging, final)

@@ -370,7 +370,7 @@ def _config_beside(path: Path, release: str) -> tuple[dict[str, str] | None, str
     """config-<release> or .config beside the kernel, or the .config of the source tree
     it was built in (arch/x86/boot/bzImage -> ../../../.config)."""
     candidates = [path.parent / f"config-{release}", path.parent / "config", path.parent / ".config",
-                  *(p / ".config" for p in list(path.resolve().parents)[:3])]
+                  *(p / ".config" for p in list(path.resolve().parents)[:4])]
     for candidate in candidates:
         if candidate.is_file():
             return parse_config(candidate.read_text(errors="replace")), str(candidate)

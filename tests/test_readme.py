@@ -29,10 +29,10 @@ BIN = Path(sys.executable).parent
 TIMEOUT_S = 1500.0
 
 
-def examples() -> dict[str, list[tuple[str, str]]]:
-    """NAME -> [(file name or "shell", text)] in README order."""
+def examples(doc: Path = README) -> dict[str, list[tuple[str, str]]]:
+    """NAME -> [(file name or "shell", text)] in the order of ``doc`` (README.md)."""
     found: dict[str, list[tuple[str, str]]] = {}
-    for m in BLOCK.finditer(README.read_text()):
+    for m in BLOCK.finditer(doc.read_text()):
         first, _, rest = m["body"].partition("\n")
         label = first.removeprefix("#").strip()
         assert first.startswith("# ") and label, f"example {m['name']!r}: first line must name its file: {first!r}"
@@ -68,15 +68,22 @@ def test_every_option_is_in_the_readme_options_table() -> None:
 @pytest.mark.vm
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_readme_example_runs_as_written(name: str, tmp_path: Path) -> None:
-    blocks = EXAMPLES[name]
+    run_example(f"README example {name!r}", EXAMPLES[name], tmp_path, dict(EXAMPLES["project"])["conftest.py"])
+
+
+def run_example(what: str, blocks: list[tuple[str, str]], tmp_path: Path, conftest: str | None = None,
+                env: dict[str, str] | None = None) -> None:
+    """Write an example's files into ``tmp_path``, run its tests as one pytest session (real
+    VMs), then its scripts and shell lines; each must pass. ``conftest`` is used by an example
+    with tests and no conftest.py of its own; ``env`` is added to the inner runs' environment."""
     files = {label: text for label, text in blocks if label != "shell"}
     tests = [label for label in files if Path(label).name.startswith("test_")]
-    if "conftest.py" not in files and tests:
-        files["conftest.py"] = dict(EXAMPLES["project"])["conftest.py"]
+    if "conftest.py" not in files and tests and conftest is not None:
+        files["conftest.py"] = conftest
     for label, text in files.items():
         (tmp_path / label).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / label).write_text(text)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
     env.pop("PYTEST_XDIST_WORKER", None)
     env.pop("PYTEST_ADDOPTS", None)
     if tests:
@@ -84,7 +91,7 @@ def test_readme_example_runs_as_written(name: str, tmp_path: Path) -> None:
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         code, out = finish(proc, TIMEOUT_S)
-        assert code == 0, f"README example {name!r} failed:\n{out[-6000:]}"
+        assert code == 0, f"{what} failed:\n{out[-6000:]}"
         assert re.search(r"\d+ passed", out) and "failed" not in out.splitlines()[-1], out[-3000:]
     for label, text in blocks:
         if label.endswith(".py") and label not in tests and Path(label).name != "conftest.py":
@@ -97,4 +104,4 @@ def test_readme_example_runs_as_written(name: str, tmp_path: Path) -> None:
             proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
             code, out = finish(proc, TIMEOUT_S)
-            assert code == 0, f"README example {name!r}: {shlex.join(argv)} exited {code}:\n{out[-4000:]}"
+            assert code == 0, f"{what}: {shlex.join(argv)} exited {code}:\n{out[-4000:]}"
