@@ -70,7 +70,7 @@ def test_kernel_whose_config_lacks_an_option_is_refused_naming_it_before_anythin
     said: list[str] = []
     with pytest.raises(ConfigError, match=rf"{option} is not set, a fork needs .*: set {option}=y"):
         build_image(template.image_spec(), tmp_path / "cache", progress=said.append)
-    assert said == [] and not list((tmp_path / "cache" / "images").iterdir())  # not even a staging dir left
+    assert said == [] and not list((tmp_path / "cache" / "images").glob(".staging-*"))  # nothing built
     verdict = check_kernel(template, _cache())
     assert not verdict.ok and option in verdict.detail
 
