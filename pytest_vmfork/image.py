@@ -7,7 +7,10 @@ the agent, found through the installed package (pytest_vmfork.guestfiles). Every
 is cached under ``cache_dir/images/<key>/`` with a manifest whose paths are relative
 to that directory, so a cache copied elsewhere still hits. The key covers exactly what
 shapes the image (see :func:`compute_key`), so ``apt-get update`` alone never forces a
-rebuild.
+rebuild. The kernel's module tree is not in the image: it is built once per kernel
+(pytest_vmfork.modtree, ``cache_dir/modules/<key>/``), shared by every image of that
+kernel, and named in the manifest by key. A user's kernel (``ImageSpec.kernel``) goes on
+the same cached Debian root: its image differs in the kernel, initramfs and module tree.
 """
 
 from __future__ import annotations

@@ -266,8 +266,8 @@ REQUIRED_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("CONFIG_TMPFS", "y", "tmpfs (the root's writable layer)"),
     ("CONFIG_UNIX", "ym", "Unix sockets"),
     ("CONFIG_INET", "y", "TCP/IP networking"),
-    ("CONFIG_VMGENID", "y", "the VM generation ID driver: without it every fork continues the snapshot's "
-                            "random number state and reads the same bytes from /dev/urandom"),
+    ("CONFIG_VMGENID", "y", ("the VM generation ID driver: without it every fork continues the snapshot's "
+                             "random number state and reads the same bytes from /dev/urandom")),
 )
 #: Needed in addition when a module tree is attached (mounted as squashfs in the initramfs).
 MODULE_TREE_OPTIONS: tuple[tuple[str, str, str], ...] = (
@@ -291,8 +291,8 @@ class UserKernel:
     def problems(self, with_modules: bool) -> list[str]:
         """One line per missing option, naming it, what it is for, and the fix."""
         if self.config is None:
-            return [f"kernel {self.path}: cannot check its config ({self.config_source}); build it with "
-                    f"CONFIG_IKCONFIG=y or put its .config beside it as config-{self.release}"]
+            return [(f"kernel {self.path}: cannot check its config ({self.config_source}); build it with "
+                     f"CONFIG_IKCONFIG=y or put its .config beside it as config-{self.release}")]
         out = []
         for option, accepted, why in (*REQUIRED_OPTIONS, *(MODULE_TREE_OPTIONS if with_modules else ())):
             value = self.config.get(option, "n")

@@ -106,7 +106,8 @@ def tree_digest(moddir: Path) -> str:
         if stat.S_ISLNK(mode):
             h.update(os.readlink(path).encode())
         elif stat.S_ISREG(mode):
-            h.update(hashlib.file_digest(open(path, "rb"), "sha256").digest())
+            with open(path, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
         h.update(b"\0")
     _digests[memo] = h.hexdigest()
     return _digests[memo]
