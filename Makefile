@@ -11,9 +11,10 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # mmdebstrap builds the guest root (uidmap: its unshare mode for non-root users; fakechroot +
 # fakeroot: the fallback without /etc/subuid entries, and owners kept in the ext4 image);
-# python3-venv: the tests install the wheel into a fresh venv as a new non-root user.
+# python3-venv: the tests install the wheel into a fresh venv as a new non-root user;
+# kmod (depmod) + squashfs-tools (mksquashfs): the guest kernel's module tree disk.
 APT_PKGS := qemu-system-x86 e2fsprogs util-linux lz4 mmdebstrap uidmap fakechroot fakeroot \
-            debian-archive-keyring python3-venv
+            debian-archive-keyring python3-venv kmod squashfs-tools
 # xdist workers for the test run: VM tests fork in parallel on both cores.
 TEST_WORKERS ?= 2
 

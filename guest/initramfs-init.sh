@@ -10,7 +10,7 @@
 # On any failure it prints one clear line to the console and powers off, so
 # the host sees "vmfork-initramfs: FAILED: ..." instead of a hung boot.
 # Only busybox applets that image.py links into the initramfs are used here:
-# sh mount umount mkdir insmod switch_root poweroff sleep cat.
+# sh mount umount mkdir insmod switch_root poweroff sleep cat uname.
 
 PATH=/bin:/sbin
 export PATH
@@ -51,6 +51,15 @@ mount -t tmpfs -o mode=0755 tmpfs /rw || fail "mount tmpfs on /rw"
 mkdir -p /rw/upper /rw/work || fail "mkdir /rw/upper /rw/work"
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
     || fail "mount overlay on /newroot"
+
+# The kernel's module tree, when the host attached it: a second read-only disk
+# (squashfs, shared by every VM), mounted where modprobe looks for it. It is
+# probed with /dev/vda (one driver, one synchronous probe), so no wait here.
+if [ -b /dev/vdb ]; then
+    modules="/newroot/lib/modules/$(uname -r)"
+    mkdir -p "$modules" || fail "mkdir $modules"
+    mount -t squashfs -o ro /dev/vdb "$modules" || fail "mount /dev/vdb (squashfs module tree) on $modules"
+fi
 
 for m in dev proc sys; do
     mount --move "/$m" "/newroot/$m" || fail "mount --move /$m /newroot/$m"

@@ -21,9 +21,11 @@ hostname -F /etc/hostname || warn "hostname"
 echo 0 > /proc/sys/vm/compact_unevictable_allowed || warn "compact_unevictable_allowed"
 echo never > /sys/kernel/mm/transparent_hugepage/enabled || warn "transparent_hugepage"
 
-# The guest has no /lib/modules: fail module autoload at once instead of
-# forking a modprobe that can only fail (forks are slow under TCG).
-echo > /proc/sys/kernel/modprobe || warn "kernel.modprobe"
+# Without a module tree (a user's kernel with everything built in) fail module
+# autoload at once instead of forking a modprobe that can only fail (forks are
+# slow under TCG); with one (the initramfs mounted it) the kernel's on-demand
+# loading runs modprobe as usual.
+[ -e "/lib/modules/$(uname -r)/modules.dep" ] || echo > /proc/sys/kernel/modprobe || warn "kernel.modprobe"
 
 mkdir -p /run/vmfork/mailbox || warn "mkdir /run/vmfork/mailbox"
 ip link set lo up || warn "ip link set lo up"

@@ -8,7 +8,7 @@
     vmfork shell NAME
     vmfork cache [prune [--older-than 30d] [--max-size 10G] [--dry-run]] [--cache-dir D]
     vmfork gc [--dry-run] [--kept] [--orphan-links] [--lease-dir D] [--cache-dir D]
-    vmfork doctor [--cache-dir D]
+    vmfork doctor [--template pkg.module:NAME] [--cache-dir D]
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor
 
-    checks = doctor.diagnose(args.cache_dir, apt_sources=args.apt_sources, build_mode=args.build_mode)
+    checks = doctor.diagnose(args.cache_dir, apt_sources=args.apt_sources, build_mode=args.build_mode,
+                             template=load_template(args.template))
     print(doctor.format(checks))
     return 1 if doctor.failed(checks) else 0
 
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor",
                        help="check that this host can run forked VMs and say how to fix what is missing")
     building(d)
+    d.add_argument("--template", help="package.module:NAME of a Template whose kernel to check (default: the stock one)")
     d.set_defaults(func=cmd_doctor)
     return parser
 

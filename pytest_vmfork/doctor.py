@@ -263,6 +263,32 @@ def check_tool(tool: str, package: str, why: str, required: bool) -> Check:
     return Check(tool, True, exe, required=required)
 
 
+def check_kernel(template, cache_dir: Path) -> Check:  # template: template.Template
+    """The template's kernel verdict: a user's kernel checked against what a fork needs
+    (from its config, without booting it); Debian's with its module tree if it is built."""
+    from . import image as image_mod
+    from . import kernel
+
+    name = "guest kernel"
+    if template.kernel is None:
+        img = image_mod.cached_image(template.image_spec(), cache_dir)
+        if img is None:
+            return Check(name, True, f"Debian linux-image-{template.kernel_flavour} (not built yet; its module tree "
+                         "is built once per kernel with the first image)")
+        tree = img.modules
+        mods = (f"module tree {tree.key[:12]}: {len(tree.names)} modules, {tree.image.stat().st_size >> 20} MiB "
+                "squashfs shared by every image of this kernel") if tree else "no module tree"
+        return Check(name, True, f"Debian {img.manifest['kernel'].get('release', '?')}; {mods}")
+    uk = kernel.inspect_kernel(template.kernel)
+    problems = uk.problems(with_modules=template.kernel_modules is not None)
+    if problems:
+        line, _, fix = problems[0].partition(": set ")
+        return Check(name, False, line + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+                     ("set " + fix) if fix else problems[0])
+    mods = f", modules from {template.kernel_modules}" if template.kernel_modules else ", no module tree"
+    return Check(name, True, f"{template.kernel} ({uk.kind}, {uk.release}, config from {uk.config_source}{mods})")
+
+
 def _username() -> str:
     import pwd
 
@@ -310,9 +336,11 @@ def check_apt_sources(setting: str | None = None) -> Check:
 
 
 def diagnose(cache_dir: Path | str | None = None, *, apt_sources: str | None = None,
-             build_mode: str = "auto") -> list[Check]:
-    """Every check, in order; nothing is built or left behind."""
+             build_mode: str = "auto", template=None) -> list[Check]:  # template: Template | None
+    """Every check, in order; nothing is built or left behind. ``template`` (default: the
+    stock one) is the one whose kernel gets a verdict."""
     from .config import default_cache_dir
+    from .template import Template
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return [
@@ -329,6 +357,10 @@ def diagnose(cache_dir: Path | str | None = None, *, apt_sources: str | None = N
         _guard("lz4", False, lambda: check_tool(
             "lz4", "lz4", "unpacks lz4-compressed kernels for a fast boot; without it the bzImage boots",
             False)),
+        _guard("mksquashfs", True, lambda: check_tool(
+            "mksquashfs", "squashfs-tools", "packs the guest kernel's module tree", True)),
+        _guard("depmod", True, lambda: check_tool("depmod", "kmod", "indexes the guest kernel's module tree", True)),
+        _guard("guest kernel", True, lambda: check_kernel(template or Template(), cache)),
     ]
 
 

@@ -663,7 +663,8 @@ class _Gc:
             return
         for sub, pattern, kind in (("snapshots", _SNAP_PARTIAL_RE, "snapshot-partial"),
                                    ("images", _IMAGE_PARTIAL_RE, "image-partial"),
-                                   ("roots", _IMAGE_PARTIAL_RE, "root-partial")):
+                                   ("roots", _IMAGE_PARTIAL_RE, "root-partial"),
+                                   ("modules", _IMAGE_PARTIAL_RE, "modules-partial")):
             folder = self.cache_dir / sub
             if not folder.is_dir():
                 continue

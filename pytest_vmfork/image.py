@@ -7,7 +7,10 @@ the agent, found through the installed package (pytest_vmfork.guestfiles). Every
 is cached under ``cache_dir/images/<key>/`` with a manifest whose paths are relative
 to that directory, so a cache copied elsewhere still hits. The key covers exactly what
 shapes the image (see :func:`compute_key`), so ``apt-get update`` alone never forces a
-rebuild.
+rebuild. The kernel's module tree is not in the image: it is built once per kernel
+(pytest_vmfork.modtree, ``cache_dir/modules/<key>/``), shared by every image of that
+kernel, and named in the manifest by key. A user's kernel (``ImageSpec.kernel``) goes on
+the same cached Debian root: its image differs in the kernel, initramfs and module tree.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ from typing import Any
 
 import filelock
 
-from . import aptsources, guestfiles, kernel, private, rootfs
-from .errors import ImageBuildError
+from . import aptsources, guestfiles, kernel, modtree, private, rootfs
+from .errors import ConfigError, ImageBuildError
 
 #: Bump whenever this module changes what it puts into an image (the module's own
 #: bytes are deliberately not hashed, so comment edits do not force rebuilds).
-RECIPE_VERSION = 3
+RECIPE_VERSION = 5  # 5: the kernel's module tree (modtree) attached to every image
 
 #: Guest Python distributions, pinned to the host venv's versions. typing_extensions is
 #: a runtime import of grpcio (grpc/_server.py), so the guest needs it as well.
@@ -44,6 +47,7 @@ GUEST_DISTRIBUTIONS = ("grpcio", "protobuf", "pyroute2", "typing_extensions")
 
 IMAGE_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img", "rootfs": "rootfs.img"}
 PVH_KERNEL = "vmlinux"  # uncompressed ELF kernel, built when it can be extracted (see kernel.extract_vmlinux)
+KERNEL_CONFIG = "config"  # the kernel's .config (Debian's config-<release>), beside vmlinuz
 MANIFEST = "manifest.json"
 _MiB = 1 << 20
 
@@ -58,6 +62,8 @@ class ImageSpec:
     kernel_flavour: str = "amd64"  # Debian flavour: "amd64" has VMGenID, "cloud-amd64" boots leaner
     packages: tuple[str, ...] = ()  # extra Debian packages, installed with their dependencies
     files: tuple[tuple[str, bytes], ...] = ()  # (absolute guest path, content); 0755 if it starts with b"#!"
+    kernel: str | None = None  # a user's kernel file (bzImage or ELF vmlinux) instead of Debian's
+    kernel_modules: str | None = None  # its lib/modules/<release> tree (or INSTALL_MOD_PATH); needs kernel
 
     def __post_init__(self) -> None:
         # Accept lists for convenience but store tuples so the spec stays hashable.
@@ -75,18 +81,28 @@ class ImageSpec:
                 raise ValueError(f"ImageSpec.files path {path!r} must be a normalized absolute file path")
         if len(set(paths)) != len(paths):
             raise ValueError("ImageSpec.files has the same path twice")
+        if self.kernel_modules is not None and self.kernel is None:
+            raise ValueError("kernel_modules= needs kernel=: the module tree of Debian's kernel is always attached")
 
     def key(self) -> str:
         """Cache key: sha256 of everything that shapes the image, from the installed package and venv."""
         return compute_key(self, guestfiles.key_sources(), host_wheel_versions())
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able form of the spec for manifest.json (file contents as hashes)."""
-        return {
+        """JSON-able form of the spec for manifest.json (file contents as hashes; a user's
+        kernel and module tree by content, so a rebuilt kernel changes the key)."""
+        doc: dict[str, Any] = {
             "kernel_flavour": self.kernel_flavour,
             "packages": sorted(set(self.packages)),
             "files": {p: {"sha256": hashlib.sha256(c).hexdigest(), "size": len(c)} for p, c in sorted(self.files)},
         }
+        if self.kernel is not None:
+            with open(self.kernel, "rb") as f:
+                doc["kernel"] = {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+            if self.kernel_modules is not None:
+                doc["kernel_modules"] = {"digest": modtree.tree_digest(
+                    kernel.find_module_tree(Path(self.kernel_modules)))}
+        return doc
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,7 @@ class Image:
     initrd: Path
     rootfs: Path
     manifest: dict[str, Any] = field(repr=False)
+    modules: modtree.ModuleTree | None = None  # the kernel's module tree (None: a user kernel without one)
 
 
 def compute_key(spec: ImageSpec, sources: Mapping[str, bytes], wheel_versions: Mapping[str, str]) -> str:
@@ -172,7 +189,12 @@ def load_cached(d: Path) -> Image | None:
     paths = {k: d / v for k, v in IMAGE_FILES.items()}
     if PVH_KERNEL in manifest["files"]:
         paths["kernel"] = d / PVH_KERNEL
-    return Image(key=d.name, dir=d, manifest=manifest, **paths)
+    tree = None
+    if manifest.get("modules_key"):  # found by key beside images/: a moved cache still resolves
+        tree = modtree.load(modtree.entry(d.parent.parent, manifest["modules_key"]))
+        if tree is None:
+            return None
+    return Image(key=d.name, dir=d, manifest=manifest, modules=tree, **paths)
 
 
 def cached_image(spec: ImageSpec, cache_dir: Path) -> Image | None:
@@ -287,6 +309,7 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
         raise ImageBuildError("cannot write the guest root filesystem: " + "; ".join(problems))
     apt = aptsources.resolve(options.apt_sources)
     guestfiles.guest_files()  # an install without the guest files fails here, before the long steps
+    user_kernel = _check_user_kernel(spec)  # a kernel that cannot run a fork: ConfigError, nothing built
     work = out / "work"
     work.mkdir(parents=True)
 
@@ -315,15 +338,19 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
                            inodes=(root.entries + len(spec.files)) * 5 // 4 + 1024, uuid=uuid)
     stage("ext4")
 
-    for name in (*IMAGE_FILES.values(), PVH_KERNEL):
-        if name != IMAGE_FILES["rootfs"] and (root.dir / name).exists():
-            _link_or_copy(root.dir / name, out / name)  # the same for every image of this root
+    if user_kernel is None:
+        for name in (*IMAGE_FILES.values(), PVH_KERNEL, KERNEL_CONFIG):
+            if name != IMAGE_FILES["rootfs"] and (root.dir / name).exists():
+                _link_or_copy(root.dir / name, out / name)  # the same for every image of this root
+        kinfo = root.kernel
+    else:
+        kinfo = _user_kernel_files(*user_kernel, root, cache_dir, work, out, progress)
     stage("kernel_and_initramfs")
 
     manifest: dict[str, Any] = {
         "key": key, "recipe_version": RECIPE_VERSION, "spec": spec.describe(), "root_key": root.key,
         "suite": aptsources.GUEST_SUITE, "build_mode": mode.name, "apt_origin": apt.origin,
-        "kernel": root.kernel, "debs": root.versions, "wheels": root.wheels,
+        "kernel": kinfo, "modules_key": kinfo.get("modules_key"), "debs": root.versions, "wheels": root.wheels,
         "files": {n: (out / n).stat().st_size for n in [*IMAGE_FILES.values(), PVH_KERNEL] if (out / n).exists()},
         "root_content_bytes": used, "stage_seconds": stages,
         "build_seconds": round(time.monotonic() - start, 1),
@@ -336,18 +363,32 @@ def _build(spec: ImageSpec, key: str, cache_dir: Path, out: Path, progress: Call
              + ", ".join(f"{k} {v} s" for k, v in stages.items()) + ")")
 
 
-def _kernel_files(kout: Path, root_tar: Path, init_script: bytes, work: Path, out: Path) -> dict[str, Any]:
+def _kernel_files(kout: Path, root_tar: Path, init_script: bytes, cache_dir: Path, work: Path, out: Path,
+                  progress: Callable[[str], None]) -> dict[str, Any]:
     """vmlinuz, the PVH vmlinux where it can be extracted, and the initramfs (busybox from
-    the root, the kernel's virtio/ext4 modules) into ``out``; returns what the manifest records."""
+    the root, the kernel's virtio/ext4 modules) into ``out``, and the kernel's module tree
+    (once per kernel package: keyed by the .deb's bytes); returns what the manifest records."""
     kpkg, _, kversion = (kout / "info").read_text().strip().partition(" ")
     kdir = work / "kernel-files"
     kernel.unpack_deb(kout / "kernel.deb", kdir)
     (release,) = [p.name for p in (kdir / "lib/modules").iterdir()]
     bzimage = (kdir / f"boot/vmlinuz-{release}").read_bytes()
     (out / IMAGE_FILES["kernel"]).write_bytes(bzimage)
+    shutil.copyfile(kdir / f"boot/config-{release}", out / KERNEL_CONFIG)  # what doctor and users read
     pvh = "CONFIG_PVH=y" in (kdir / f"boot/config-{release}").read_text().split()
     if pvh and (vmlinux := kernel.extract_vmlinux(bzimage)):
         (out / PVH_KERNEL).write_bytes(vmlinux)
+    moddir = kdir / "lib/modules" / release
+    order = kernel.build_initramfs(_busybox(root_tar, work), init_script, moddir, out / IMAGE_FILES["initrd"])
+    with open(kout / "kernel.deb", "rb") as f:
+        deb_sha = hashlib.file_digest(f, "sha256").hexdigest()
+    tree, built = modtree.ensure(moddir, modtree.key_for(f"deb:{deb_sha}"), cache_dir, progress=progress)
+    return {"package": kpkg, "version": kversion, "release": release, "modules": order,
+            "modules_key": tree.key, "modules_built": built}
+
+
+def _busybox(root_tar: Path, work: Path) -> Path:
+    """The root's static busybox, for the initramfs."""
     busybox = work / "busybox"
     with tarfile.open(root_tar) as tar:
         member = next((m for m in tar if m.name in ("./usr/bin/busybox", "./bin/busybox") and m.isfile()), None)
@@ -355,8 +396,44 @@ def _kernel_files(kout: Path, root_tar: Path, init_script: bytes, work: Path, ou
         if src is None:
             raise ImageBuildError(f"{root_tar} has no /usr/bin/busybox; the base packages include busybox-static")
         busybox.write_bytes(src.read())
-    order = kernel.build_initramfs(busybox, init_script, kdir / "lib/modules" / release, out / IMAGE_FILES["initrd"])
-    return {"package": kpkg, "version": kversion, "release": release, "modules": order}
+    return busybox
+
+
+def _check_user_kernel(spec: ImageSpec) -> tuple[kernel.UserKernel, Path | None] | None:
+    """A user's kernel and module tree, checked against what a fork needs (its config,
+    read without booting it): ConfigError naming the first missing option. None: Debian's."""
+    if spec.kernel is None:
+        return None
+    uk = kernel.inspect_kernel(Path(spec.kernel))
+    moddir = kernel.find_module_tree(Path(spec.kernel_modules)) if spec.kernel_modules else None
+    if problems := uk.problems(with_modules=moddir is not None):
+        raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    if moddir is not None and moddir.name != uk.release:
+        raise ConfigError(f"Template kernel_modules={spec.kernel_modules!r} holds modules of kernel {moddir.name}, "
+                          f"kernel={spec.kernel!r} is {uk.release}; pass the tree of the same build")
+    return uk, moddir
+
+
+def _user_kernel_files(uk: kernel.UserKernel, moddir: Path | None, root: DebianRoot, cache_dir: Path, work: Path,
+                       out: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    """A user's (checked) kernel into ``out``, an initramfs for it, and its module tree
+    (if given) built once per content."""
+    data = uk.path.read_bytes()
+    (out / IMAGE_FILES["kernel"]).write_bytes(data)
+    if uk.kind == "elf":
+        (out / PVH_KERNEL).write_bytes(data)
+    elif uk.config and uk.config.get("CONFIG_PVH") == "y" and (vmlinux := kernel.extract_vmlinux(data)):
+        (out / PVH_KERNEL).write_bytes(vmlinux)
+    init = guestfiles.guest_files()["initramfs-init.sh"]
+    order = kernel.build_initramfs(_busybox(root.tarball, work), init, moddir, out / IMAGE_FILES["initrd"],
+                                   strict=False)
+    info: dict[str, Any] = {"user_kernel": str(uk.path), "release": uk.release, "config": uk.config_source,
+                            "modules": order}
+    if moddir is not None:
+        tree, built = modtree.ensure(moddir, modtree.key_for(f"tree:{modtree.tree_digest(moddir)}"), cache_dir,
+                                     progress=progress)
+        info.update(modules_key=tree.key, modules_built=built)
+    return info
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -391,8 +468,9 @@ def _load_root(d: Path) -> DebianRoot | None:
     try:
         meta = json.loads((d / "root.json").read_text())
         if meta["key"] != d.name or (d / "root.tar").stat().st_size != meta["tar_bytes"] \
-                or any((d / n).stat().st_size != size for n, size in meta["kernel_files"].items()):
-            return None
+                or any((d / n).stat().st_size != size for n, size in meta["kernel_files"].items()) \
+                or modtree.load(modtree.entry(d.parent.parent, meta["kernel"]["modules_key"])) is None:
+            return None  # a root whose module tree is gone is rebuilt: the tree is made from its kernel
         return DebianRoot(d.name, d, int(meta["used"]), int(meta["entries"]), dict(meta["versions"]),
                           dict(meta["wheels"]), dict(meta["kernel"]))
     except (OSError, ValueError, KeyError, TypeError):
@@ -436,13 +514,15 @@ def debian_root(base: ImageSpec, cache_dir: Path, *, mode: rootfs.BuildMode, apt
                                                   kernel_hook=hook, kernel_flavour=base.kernel_flavour, work=work)
             os.rename(tar_path, staging / "root.tar")
             used, entries, versions = rootfs.tar_stats(staging / "root.tar")
-            kinfo = _kernel_files(kout, staging / "root.tar", guest["initramfs-init.sh"], work, staging)
+            kinfo = _kernel_files(kout, staging / "root.tar", guest["initramfs-init.sh"], Path(cache_dir), work,
+                                  staging, progress)
             _rmtree(work)
             (staging / "root.json").write_text(json.dumps({
                 "key": key, "tar_bytes": (staging / "root.tar").stat().st_size, "used": used,
                 "entries": entries, "versions": versions, "wheels": wheels, "spec": base.describe(),
                 "kernel": kinfo, "kernel_files": {n: (staging / n).stat().st_size for n in
-                                                  (*IMAGE_FILES.values(), PVH_KERNEL) if (staging / n).exists()},
+                                                  (*IMAGE_FILES.values(), PVH_KERNEL, KERNEL_CONFIG)
+                                                  if (staging / n).exists()},
                 "build_mode": mode.name, "apt_origin": apt.origin}, indent=2, sort_keys=True))
             private.seal(staging)
             os.rename(staging, final)

@@ -37,7 +37,7 @@ from filelock import FileLock
 
 from . import migstream
 from .errors import ConfigError, RestoreError
-from .snapshot import MANIFEST, Snapshot, _sha256, publish, verify_files
+from .snapshot import MANIFEST, Snapshot, _sha256, machine_record, publish, verify_files
 from .vmm import QemuProcess
 
 #: Bumped when what a layer's files hold changes (2: saved from NICs without a
@@ -180,15 +180,7 @@ def _manifest(
         parent=parent.key,
         root=parent.manifest.get("root", parent.key),  # the template snapshot at the chain's start
         depth=int(parent.manifest.get("depth", 0)) + 1,
-        machine={  # relative to this entry, like a template snapshot's
-            "kernel": os.path.relpath(m.kernel, final),
-            "initrd": os.path.relpath(m.initrd, final),
-            "rootfs": os.path.relpath(m.rootfs, final),
-            "cmdline": m.cmdline,
-            "memory_mib": m.memory_mib,
-            "vcpus": m.vcpus,
-            "accel": m.accel,
-        },
+        machine=machine_record(m, final),  # relative to this entry, like a template snapshot's
         files={
             "state.bin": {"size": state.stat().st_size, "sha256": _sha256(state)},
             "memory.ram": {"size": (staging / "memory.ram").stat().st_size},

@@ -44,7 +44,12 @@ def content_id(template: Template) -> str:
         if f.name == "files":
             value = {path: hashlib.sha256(data).hexdigest() for path, data in value.items()}
         doc[f.name] = value
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=_jsonable).encode()).hexdigest()
+
+
+def _jsonable(value: object) -> object:
+    """A Path (kernel=) by its name: its content is hashed in the snapshot key."""
+    return str(value) if isinstance(value, Path) else list(value)  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)

@@ -93,16 +93,7 @@ class Snapshot:
         problems = verify_files(directory, manifest)
         if problems:
             raise BuildError(f"snapshot {directory} is damaged: {'; '.join(problems)}")
-        m = manifest["machine"]
-        machine = MachineSpec(
-            kernel=entry_path(directory, m["kernel"]),
-            initrd=entry_path(directory, m["initrd"]),
-            rootfs=entry_path(directory, m["rootfs"]),
-            cmdline=m["cmdline"],
-            memory_mib=m["memory_mib"],
-            vcpus=m["vcpus"],
-            accel=m["accel"],
-        )
+        machine = machine_from_record(directory, manifest["machine"])
         return cls(
             key=manifest["key"],
             dir=directory,
@@ -151,13 +142,38 @@ def verify_files(directory: Path, manifest: dict[str, Any], *, memory_dir: Path 
                 f.seek(int(off))
                 if f.read(len(mbx.marker(name, nonce, mbx.PAGE_SIZE))) != mbx.marker(name, nonce, mbx.PAGE_SIZE):
                     problems.append(f"mailbox {name!r} marker not found at offset {off}")
-    for part in ("kernel", "initrd", "rootfs"):
-        rel = manifest["machine"][part]
+    for part in ("kernel", "initrd", "rootfs", "modules"):
+        rel = manifest["machine"].get(part)
+        if rel is None and part == "modules":
+            continue  # a user's kernel without a module tree
         if os.path.isabs(rel):
             problems.append(f"{part} path {rel} is absolute (made by an older pytest-vmfork)")
         elif not entry_path(directory, rel).exists():
             problems.append(f"image file {rel} is missing")
     return problems
+
+
+def machine_record(machine: MachineSpec, entry: Path) -> dict[str, Any]:
+    """``machine`` for a manifest, its files relative to ``entry``: a copied or restored
+    cache still resolves."""
+    files = {part: os.path.relpath(getattr(machine, part), entry) for part in ("kernel", "initrd", "rootfs")}
+    return {**files, "modules": None if machine.modules is None else os.path.relpath(machine.modules, entry),
+            "cmdline": machine.cmdline, "memory_mib": machine.memory_mib, "vcpus": machine.vcpus,
+            "accel": machine.accel}
+
+
+def machine_from_record(directory: Path, m: dict[str, Any]) -> MachineSpec:
+    """The inverse of :func:`machine_record` for the entry at ``directory``."""
+    return MachineSpec(
+        kernel=entry_path(directory, m["kernel"]),
+        initrd=entry_path(directory, m["initrd"]),
+        rootfs=entry_path(directory, m["rootfs"]),
+        modules=None if m.get("modules") is None else entry_path(directory, m["modules"]),
+        cmdline=m["cmdline"],
+        memory_mib=m["memory_mib"],
+        vcpus=m["vcpus"],
+        accel=m["accel"],
+    )
 
 
 def publish(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
@@ -266,6 +282,11 @@ class SnapshotStore:
             img = image_mod.build_image(template.image_spec(), self.cache_dir, progress=self.progress,
                                         options=self.build)
             cache.record_use(img.dir)
+        if template.modules:  # before any boot: a name the kernel lacks is the template's error
+            if img.modules is None:
+                raise ConfigError(f"Template modules={list(template.modules)}: kernel {template.kernel} has no "
+                                  "module tree; pass kernel_modules= (its make modules_install tree)")
+            img.modules.require(template.modules)
         staging = final.parent / f".staging-{key}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -288,6 +309,7 @@ class SnapshotStore:
             kernel=img.kernel,
             initrd=img.initrd,
             rootfs=img.rootfs,
+            modules=None if img.modules is None else img.modules.image,
             cmdline=template.kernel_cmdline(),
             memory_mib=template.memory_mib,
             vcpus=template.vcpus,
@@ -327,6 +349,12 @@ class SnapshotStore:
             self.progress(f"vmfork: template agent ready after {boot_s:.1f}s")
             agent = AgentClient(qemu.ctl_path)
             agent.health(timeout=30)
+            if template.modules:  # loaded in the snapshot: forks pay nothing for them
+                self.progress(f"vmfork: loading kernel modules {' '.join(template.modules)}")
+                res = agent.exec(["modprobe", "-a", *template.modules], timeout=template.warmup_timeout)
+                if res.returncode != 0:
+                    raise BuildError(f"template modules {list(template.modules)}: modprobe exited with "
+                                     f"{res.returncode}: {res.stderr[-2000:]!r}", console_tail=qemu.console_tail())
             for argv_w in template.warmup:
                 self.progress(f"vmfork: warm-up: {' '.join(argv_w)}")
                 res = agent.exec(list(argv_w), timeout=template.warmup_timeout)
@@ -362,15 +390,7 @@ class SnapshotStore:
             "key": key,
             "run_id": run.run_id,
             "created": time.time(),
-            "machine": {  # relative to this entry: a copied or restored cache still resolves
-                "kernel": os.path.relpath(machine.kernel, final_dir),
-                "initrd": os.path.relpath(machine.initrd, final_dir),
-                "rootfs": os.path.relpath(machine.rootfs, final_dir),
-                "cmdline": machine.cmdline,
-                "memory_mib": machine.memory_mib,
-                "vcpus": machine.vcpus,
-                "accel": machine.accel,
-            },
+            "machine": machine_record(machine, final_dir),
             "image_key": img.key,
             "description": template.describe(),  # for `vmfork cache`
             "qemu": qemu_version(),

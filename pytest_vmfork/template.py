@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 from . import mailbox as mbx
 from .errors import ConfigError
 from .image import KERNEL_CMDLINE, ImageSpec
+from .kernel import find_module_tree, inspect_kernel_header
 
 FileContent = Union[bytes, str, Path]
 Command = Union[str, Sequence[str]]
@@ -43,6 +45,15 @@ class Template:
     ``guest_acked_mailboxes`` (a subset) are acknowledged by a guest program
     running ``vmfork-ack NAME`` after it applied the payload, not by the agent
     on delivery.
+
+    Every module of the guest's kernel is available in every fork (``modprobe``,
+    on-demand loading). ``modules`` are loaded before the warm-up commands, so
+    they are loaded in the snapshot and forks pay nothing for them; a name the
+    kernel lacks is a ConfigError before any boot.
+    ``kernel`` boots a kernel of your own (``arch/x86/boot/bzImage``) instead of
+    Debian's, with ``kernel_modules`` its ``make modules_install`` tree
+    (``INSTALL_MOD_PATH`` or its ``lib/modules/<release>``); both are hashed into
+    the image key, so a rebuilt kernel retakes the snapshot and nothing else.
     """
 
     memory_mib: int = 256
@@ -53,6 +64,9 @@ class Template:
     warmup: Sequence[Command] = ()
     mailboxes: Sequence[str] = ()
     guest_acked_mailboxes: Sequence[str] = ()
+    modules: Sequence[str] = ()
+    kernel: Path | None = None
+    kernel_modules: Path | None = None
     boot_timeout: float = 600.0
     warmup_timeout: float = 600.0
 
@@ -126,6 +140,14 @@ class Template:
         if unknown:
             raise ConfigError(f"Template guest_acked_mailboxes: {unknown} are not in mailboxes {list(names)}")
         fix("guest_acked_mailboxes", acked)
+        if isinstance(self.modules, str):
+            raise ConfigError("Template modules must be a list of kernel module names, not one string")
+        modules = tuple(dict.fromkeys(self.modules))
+        for mod in modules:
+            if not isinstance(mod, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", mod):
+                raise ConfigError(f"Template modules: {mod!r} is not a kernel module name (letters, digits, _ and -)")
+        fix("modules", modules)
+        self._check_kernel(fix)
         for name in ("boot_timeout", "warmup_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 7200:
@@ -134,6 +156,30 @@ class Template:
             self.image_spec()
         except ValueError as exc:
             raise ConfigError(f"Template: {exc}") from exc
+
+    def _check_kernel(self, fix: Callable[[str, object], None]) -> None:
+        """kernel= and kernel_modules=: readable, a kernel at all, and the default flavour."""
+        if self.kernel is None:
+            if self.kernel_modules is not None:
+                raise ConfigError("Template kernel_modules= needs kernel=: Debian's kernel always brings its "
+                                  "own module tree")
+            return
+        if self.kernel_flavour != "amd64":
+            raise ConfigError(f"Template kernel= and kernel_flavour={self.kernel_flavour!r} exclude each other: "
+                              "kernel_flavour picks one of Debian's kernels; drop it to boot your own")
+        path = Path(self.kernel).expanduser().absolute()
+        if not path.is_file():
+            raise ConfigError(f"Template kernel={str(self.kernel)!r} is not a file; pass your build's "
+                              "arch/x86/boot/bzImage")
+        inspect_kernel_header(path)
+        fix("kernel", path)
+        if self.kernel_modules is not None:
+            tree = Path(self.kernel_modules).expanduser().absolute()
+            if not tree.is_dir():
+                raise ConfigError(f"Template kernel_modules={str(self.kernel_modules)!r} is not a directory; pass "
+                                  "the INSTALL_MOD_PATH of `make modules_install` (or its lib/modules/<release>)")
+            find_module_tree(tree)
+            fix("kernel_modules", tree)
 
     def kernel_cmdline(self) -> str:
         """The template's guest kernel command line: the image's, plus the mailbox
@@ -156,6 +202,10 @@ class Template:
             parts.append(f"{len(self.warmup)} warm-up")
         if self.mailboxes:
             parts.append(f"{len(self.mailboxes)} mailbox" + ("es" if len(self.mailboxes) > 1 else ""))
+        if self.modules:
+            parts.append("modules " + " ".join(self.modules))
+        if self.kernel is not None:
+            parts.append(f"kernel {self.kernel.name}")
         return ", ".join(parts)
 
     def image_spec(self) -> ImageSpec:
@@ -163,6 +213,8 @@ class Template:
             kernel_flavour=self.kernel_flavour,
             packages=tuple(self.packages),
             files=tuple(self.files.items()),  # type: ignore[union-attr]
+            kernel=None if self.kernel is None else str(self.kernel),
+            kernel_modules=None if self.kernel_modules is None else str(self.kernel_modules),
         )
 
     def snapshot_key(self, *, accel: str, qemu_version: str) -> str:
@@ -176,6 +228,7 @@ class Template:
             "warmup": [list(c) for c in self.warmup],
             "mailboxes": list(self.mailboxes),
             "guest_acked": list(self.guest_acked_mailboxes),
+            "modules": list(self.modules),
             "accel": accel,
             "qemu": qemu_version,
         }

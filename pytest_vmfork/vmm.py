@@ -96,6 +96,7 @@ class MachineSpec:
     memory_mib: int = 256
     vcpus: int = 1
     accel: str = "tcg"
+    modules: Path | None = None  # the kernel's module tree (squashfs): /dev/vdb, mounted by the initramfs
 
     def argv(
         self,
@@ -120,6 +121,9 @@ class MachineSpec:
         ram = handoff.ram(mem_path, self.memory_mib * 1024 * 1024, create=shared)
         console = handoff.fdset(workdir / "console.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         rootfs = handoff.fdset(self.rootfs, os.O_RDONLY)
+        modules = [] if self.modules is None else [  # after the root disk: it probes as /dev/vdb
+            "-drive", f"file={handoff.fdset(self.modules, os.O_RDONLY)},if=none,id=modules,format=raw,readonly=on",
+            "-device", "virtio-blk-pci,drive=modules"]
         kernel, initrd = handoff.image(self.kernel), handoff.image(self.initrd)
         ctl, evt, qmp = (handoff.socket(chan) for chan in ("ctl", "evt", "qmp"))
         argv = [
@@ -142,6 +146,7 @@ class MachineSpec:
             "-append", self.cmdline,
             "-drive", f"file={rootfs},if=none,id=root,format=raw,readonly=on",
             "-device", "virtio-blk-pci,drive=root",
+            *modules,
             "-device", "virtio-serial-pci,id=vser",
             "-chardev", f"socket,id=ctl,fd={ctl}",
             "-device", f"virtserialport,chardev=ctl,name={PORT_CTL}",

@@ -19,12 +19,12 @@ BLOCK = re.compile(r"^<!-- example: (?P<name>[\w-]+) -->\n```(?P<lang>\w*)\n(?P<
                    re.MULTILINE | re.DOTALL)
 
 
-def examples() -> dict[str, list[tuple[str, str]]]:
+def examples(documents: tuple[Path, ...] = DOCUMENTS) -> dict[str, list[tuple[str, str]]]:
     """NAME -> [(file name or "shell", text)] in document order. A file's text is the
     whole block (its first line names it); a shell block's text is its commands."""
     found: dict[str, list[tuple[str, str]]] = {}
     owner: dict[str, Path] = {}
-    for doc in DOCUMENTS:
+    for doc in documents:
         for m in BLOCK.finditer(doc.read_text()):
             name = m["name"]
             if owner.setdefault(name, doc) != doc:
@@ -36,6 +36,11 @@ def examples() -> dict[str, list[tuple[str, str]]]:
                 raise AssertionError(f"{doc.name}: example {name!r}: first line must name its file: {first!r}")
             found.setdefault(name, []).append((label, rest if label == "shell" else m["body"]))
     return found
+
+
+def examples_in(doc: Path) -> dict[str, list[tuple[str, str]]]:
+    """The examples of one document."""
+    return examples((doc,))
 
 
 def example_files(name: str) -> dict[str, str]:

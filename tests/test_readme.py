@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.examples import DOCUMENTS, README, REPO, examples
+from tests.examples import DOCUMENTS, README, REPO, examples, examples_in
 from tests.plugin.suites import finish
 
 BIN = Path(sys.executable).parent
@@ -82,10 +82,23 @@ def test_every_document_the_readme_names_exists() -> None:
     assert {REPO / p for p in named if p.startswith("docs/")} <= set(DOCUMENTS)
 
 
+#: Examples with a runner of their own (an environment they need): docs/kernel.md's
+#: (tests/test_docs_kernel.py hands them a kernel build tree).
+OWN_RUNNER = set(examples_in(REPO / "docs" / "kernel.md"))
+
+
 @pytest.mark.vm
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("name", sorted(set(EXAMPLES) - OWN_RUNNER))
 def test_documented_example_runs_as_written(name: str, tmp_path: Path) -> None:
-    blocks = EXAMPLES[name]
+    run_example(f"example {name!r}", EXAMPLES[name], tmp_path)
+
+
+def run_example(what: str, blocks: list[tuple[str, str]], tmp_path: Path,
+                env: dict[str, str] | None = None) -> None:
+    """Write an example's files into ``tmp_path``, run its tests as one pytest session (real
+    VMs), then its scripts and shell lines; each must pass. An example with tests and no
+    conftest.py of its own gets the ``project`` example's; ``env`` is added to the inner
+    runs' environment."""
     files = {label: text for label, text in blocks if label != "shell"}
     tests = [label for label in files if Path(label).name.startswith("test_")]
     if "conftest.py" not in files and tests:
@@ -93,7 +106,7 @@ def test_documented_example_runs_as_written(name: str, tmp_path: Path) -> None:
     for label, text in files.items():
         (tmp_path / label).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / label).write_text(text)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **(env or {}), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTEST_XDIST_WORKER", None)
     env.pop("PYTEST_ADDOPTS", None)
     if tests:
@@ -101,7 +114,7 @@ def test_documented_example_runs_as_written(name: str, tmp_path: Path) -> None:
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         code, out = finish(proc, TIMEOUT_S)
-        assert code == 0, f"example {name!r} failed:\n{out[-6000:]}"
+        assert code == 0, f"{what} failed:\n{out[-6000:]}"
         assert re.search(r"\d+ passed", out) and "failed" not in out.splitlines()[-1], out[-3000:]
     for label, text in blocks:
         if label.endswith(".py") and label not in tests and Path(label).name != "conftest.py":
@@ -114,4 +127,4 @@ def test_documented_example_runs_as_written(name: str, tmp_path: Path) -> None:
             proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
             code, out = finish(proc, TIMEOUT_S)
-            assert code == 0, f"example {name!r}: {shlex.join(argv)} exited {code}:\n{out[-4000:]}"
+            assert code == 0, f"{what}: {shlex.join(argv)} exited {code}:\n{out[-4000:]}"

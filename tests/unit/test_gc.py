@@ -361,6 +361,19 @@ def test_partial_builds_of_dead_builders_are_removed_running_builds_kept(roots, 
         builder.close()
 
 
+def test_a_dead_builders_partial_module_tree_is_removed_and_the_built_tree_kept(roots, dead):
+    modules = roots["cache_dir"] / "modules"
+    modules.mkdir()
+    key = "d" * 64
+    (modules / key).mkdir()  # a complete tree: never touched
+    partial = modules / f".staging-{key}-{dead[0]}-{secrets.token_hex(4)}"
+    partial.mkdir()
+    (partial / "modules.sqfs").write_bytes(b"x")
+    report = collect(roots)
+    assert not partial.exists() and (modules / key).is_dir()
+    assert kinds(report.removed) == {("modules-partial", str(partial))}
+
+
 # --- dry run, speed, session start, the command -----------------------------------------------
 
 
