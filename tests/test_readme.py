@@ -82,9 +82,9 @@ def test_every_document_the_readme_names_exists() -> None:
     assert {REPO / p for p in named if p.startswith("docs/")} <= set(DOCUMENTS)
 
 
-#: Examples with a runner of their own (an environment they need): docs/kernel.md's
-#: (tests/test_docs_kernel.py hands them a kernel build tree).
-OWN_RUNNER = set(examples_in(REPO / "docs" / "kernel.md"))
+#: Examples with a runner of their own (an environment they need): docs/kernel.md's and
+#: the README's kernel example (tests/test_docs_kernel.py hands them a kernel build tree).
+OWN_RUNNER = {*examples_in(REPO / "docs" / "kernel.md"), "own-kernel"}
 
 
 @pytest.mark.vm

@@ -55,6 +55,7 @@ def test_two_shards_with_copies_of_one_cache_are_both_cache_hits_and_run_every_t
     subprocess.run(["cp", "-a", "--sparse=always", str(vmfork_snapshot.dir), str(artefact / "snapshots")], check=True)
     subprocess.run(["cp", "-a", str(shared / "images" / key), str(artefact / "images")], check=True)
     subprocess.run(["cp", "-a", str(shared / "probes"), str(artefact)], check=True)
+    subprocess.run(["cp", "-a", str(shared / "modules"), str(artefact)], check=True)  # the kernel's module tree
 
     collected = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q"],
                                cwd=suite, env=env_for(tmp_path / "unused"), capture_output=True, text=True, check=True)
