@@ -29,8 +29,8 @@ def stamp(entry: Path, when: float) -> None:
 
 
 def real_cache(root: Path, snap: Snapshot) -> dict[str, Path]:
-    """A private cache holding hard-linked copies of the test snapshot and its image
-    (real entries: a hard link shares the data, removing it never touches the shared
+    """A private cache holding hard-linked copies of the test snapshot, its image and the
+    kernel's module trees (real entries: a hard link shares the data, removing it never touches the shared
     cache), plus a second, stale copy of the snapshot (a real copy) under another key."""
     root.mkdir(mode=0o700)
     image = snap.dir.parent.parent / "images" / snap.manifest["image_key"]
@@ -38,6 +38,7 @@ def real_cache(root: Path, snap: Snapshot) -> dict[str, Path]:
     (root / "images").mkdir()
     subprocess.run(["cp", "-al", str(snap.dir), str(root / "snapshots" / snap.key)], check=True)
     subprocess.run(["cp", "-al", str(image), str(root / "images" / image.name)], check=True)
+    subprocess.run(["cp", "-al", str(snap.dir.parent.parent / "modules"), str(root / "modules")], check=True)
     stale = root / "snapshots" / "0123456789abcdef01234567"
     subprocess.run(["cp", "-a", "--sparse=always", str(snap.dir), str(stale)], check=True)  # its own blocks
     return {"snapshot": root / "snapshots" / snap.key, "image": root / "images" / image.name, "stale": stale}
