@@ -161,7 +161,7 @@ def bench_restore(
             if mail is not None:
                 assert vm.read_mailbox(MAILBOX) == mail[MAILBOX], "the payload did not arrive"
             if isinstance(network, RunNetwork):
-                assert vm.timings.get("handoff_path") in ("ack", "grpc-fallback"), vm.timings
+                assert vm.timings.get("handoff_path") in ("ack", "ctl-fallback"), vm.timings
         finally:
             vm.close()
 
