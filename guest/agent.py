@@ -404,11 +404,8 @@ class Program:
                 os.close(in_r)
         self.returncode: int | None = None
         self.pipes = {out_r: 0, err_r: 1}
+        self.grown: set[int] = set()
         for fd in (out_r, err_r):
-            try:
-                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads for a chatty program
-            except OSError:
-                pass
             agent.sel.register(fd, selectors.EVENT_READ, self.readable)
         self.pidfd = os.pidfd_open(self.pid)
         agent.sel.register(self.pidfd, selectors.EVENT_READ, self.exited)
@@ -424,6 +421,12 @@ class Program:
             data = b""
         if not data:
             self.close_pipe(fd)
+        elif len(data) == READ_SIZE and fd not in self.grown:  # a chatty program: fewer, larger reads
+            self.grown.add(fd)  # (not up front: a small command's first run skips the kernel's resize)
+            try:
+                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass
         self.on_output(which, data, fd)
 
     def close_pipe(self, fd: int) -> None:
