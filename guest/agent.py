@@ -221,10 +221,12 @@ class FastNetlink:
         addr = addr[:17] + bytes([prefix]) + addr[18:]  # ifa_prefixlen follows nlmsghdr and ifa_family
         batch = [("net.link", link), ("net.addr", addr)]
         if gateway:
-            batch.append(("net.route", self._patch(route, socket.inet_aton(self.GW), socket.inet_aton(gateway))))
+            route = self._patch(route, socket.inet_aton(self.GW), socket.inet_aton(gateway))
+            batch.append(("net.route", route))
             if gateway_mac:  # the host's bridge: the ack needs no ARP round trip (nor the RX path)
                 neigh = self._patch(neigh, socket.inet_aton(self.GW), socket.inet_aton(gateway))
-                batch.append(("net.neigh", self._patch(neigh, _mac_bytes(self.GW_MAC), _mac_bytes(gateway_mac))))
+                neigh = self._patch(neigh, _mac_bytes(self.GW_MAC), _mac_bytes(gateway_mac))
+                batch.append(("net.neigh", neigh))
         for stage, msg in batch:
             self.seq += 1
             msg = msg[:8] + struct.pack("<I", self.seq) + msg[12:]
@@ -322,7 +324,8 @@ def _env(extra) -> dict[str, str]:
     return env
 
 
-def start_program(argv: list[str], env_extra, cwd: str, stdin: int, stdout: int, stderr: int) -> tuple[int, object]:
+def start_program(argv: list[str], env_extra, cwd: str, stdin: int, stdout: int,
+                  stderr: int) -> tuple[int, object]:
     """Start a program in its own session (a timeout kills its whole group) with
     the given descriptors as 0, 1, 2: ``posix_spawn`` (no fork of the agent), or
     subprocess where posix_spawn cannot (a working directory). Returns (pid, the
@@ -332,7 +335,8 @@ def start_program(argv: list[str], env_extra, cwd: str, stdin: int, stdout: int,
         proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
                                 start_new_session=True)
         return proc.pid, proc
-    actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)]
+    dup2 = os.POSIX_SPAWN_DUP2
+    actions = [(dup2, stdin, 0), (dup2, stdout, 1), (dup2, stderr, 2)]
     path = argv[0]
     if "/" not in path and "PATH" in env_extra:  # searched in the program's PATH, like subprocess
         for d in env["PATH"].split(":"):
@@ -385,7 +389,8 @@ class Program:
     ``on_output(which, data)`` gets output (empty: that pipe closed); ``on_exit(code)``
     the exit status, once reaped."""
 
-    def __init__(self, agent: Agent, argv: list[str], req, stdin_data: bytes | None, on_output, on_exit) -> None:
+    def __init__(self, agent: Agent, argv: list[str], req, stdin_data: bytes | None, on_output,
+                 on_exit) -> None:
         self.agent, self.on_output, self.on_exit = agent, on_output, on_exit
         out_r, out_w = _pipe()
         err_r, err_w = _pipe()
@@ -474,11 +479,13 @@ class ExecCall(Call):
         self.timer = None
         try:
             # No input: /dev/null (EOF at once, like a closed pipe) and no feeder.
-            self.prog = Program(self.agent, argv, req, req.stdin if req.stdin else None, self.output, self.exit)
+            stdin = req.stdin if req.stdin else None
+            self.prog = Program(self.agent, argv, req, stdin, self.output, self.exit)
         except OSError as exc:
             msg = f"vmfork-agent: cannot execute {argv[0]!r}: {exc.strerror}\n".encode()
             code = 127 if isinstance(exc, FileNotFoundError) else 126
-            self.finish(pb.ExecResponse(exit_code=code, stderr=msg, duration_ms=(time.monotonic() - t0) * 1e3))
+            took = (time.monotonic() - t0) * 1e3
+            self.finish(pb.ExecResponse(exit_code=code, stderr=msg, duration_ms=took))
             return
         self.spawn_ms = (time.monotonic() - t0) * 1e3
         if req.timeout_s:
@@ -535,7 +542,8 @@ class ExecCall(Call):
                 buf += (f"\n[vmfork: {what} truncated at {self.limit} bytes (output_limit); "
                         f"{self.dropped[which]} more bytes dropped]\n").encode()
         self.finish(pb.ExecResponse(
-            exit_code=self.prog.returncode or 0, stdout=bytes(out), stderr=bytes(err), timed_out=self.timed_out,
+            exit_code=self.prog.returncode or 0, stdout=bytes(out), stderr=bytes(err),
+            timed_out=self.timed_out,
             duration_ms=(time.monotonic() - self.t0) * 1e3, stdout_dropped=self.dropped[0],
             stderr_dropped=self.dropped[1], spawn_ms=self.spawn_ms,
         ))
@@ -780,7 +788,8 @@ def send_file(call: Call, fd: int, path: str, st: os.stat_result) -> None:
     """GetFile's thread: a header (size, mode), then the content in CHUNK pieces."""
     with open(fd, "rb", buffering=0) as f:
         try:
-            call.send(ch.DATA, pb.FileChunk(size=st.st_size, mode=stat.S_IMODE(st.st_mode)).SerializeToString())
+            head = pb.FileChunk(size=st.st_size, mode=stat.S_IMODE(st.st_mode))
+            call.send(ch.DATA, head.SerializeToString())
             while call.live and (data := f.read(CHUNK)):
                 call.send(ch.DATA, pb.FileChunk(data=data).SerializeToString())
         except OSError as exc:
@@ -906,8 +915,8 @@ class ShellCall(Call):
         except OSError:
             self.pending.clear()
         if self.master >= 0:
-            self.agent.sel.modify(self.master, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.pending else 0),
-                                  self.ready)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.pending else 0)
+            self.agent.sel.modify(self.master, events, self.ready)
 
     def data(self, payload: bytes) -> None:
         msg = pb.ShellInput.FromString(payload)

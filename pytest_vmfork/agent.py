@@ -114,9 +114,11 @@ class AgentClient:
     # --- the channel --------------------------------------------------------------
 
     def _read(self) -> None:
+        buf = bytearray(1 << 20)  # one receive buffer, reused: no allocation per read
+        view = memoryview(buf)
         try:
-            while data := self._sock.recv(1 << 20):
-                for frame in self._decoder.feed(data):
+            while n := self._sock.recv_into(buf):
+                for frame in self._decoder.feed(view[:n]):
                     self._dispatch(frame)
         except ch.ProtocolError as exc:
             self._on_fault(f"the guest broke the control channel's framing: {exc}")

@@ -105,7 +105,7 @@ class Decoder:
         self.skipped += len(self.buf)
         self.buf.clear()
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | memoryview) -> list[Frame]:
         buf = self.buf
         buf += data
         frames = []

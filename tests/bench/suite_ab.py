@@ -59,7 +59,8 @@ def main() -> None:
         (project / "pytest.ini").write_text("[pytest]\n")
         run_suite(project, cache, 0, 1, "test_small.py::test_small[0]")  # builds the snapshot: not timed
         wall, code, out = run_suite(project, cache, pool, 2, str(project))
-    summary = [line for line in out.splitlines() if "restore-to-healthy p50" in line or "first exec" in line][:2]
+    summary = [line for line in out.splitlines()
+               if "restore-to-healthy p50" in line or "first exec" in line][:2]
     print(json.dumps({"label": label, "tests": n, "pool": pool, "exit": code, "wall_s": round(wall, 1),
                       "tests_per_s": round(n / wall, 2), "load": round(os.getloadavg()[0], 1),
                       "summary": summary}))

@@ -12,7 +12,8 @@ from pytest_vmfork.proto import agent_pb2 as pb
 SESSION, OLD = 0x1234_5678, 0x0BAD_0001
 
 
-def frame(kind: int = ch.CALL, stream: int = 1, payload: bytes = b"", session: int = SESSION, method: int = 0) -> bytes:
+def frame(kind: int = ch.CALL, stream: int = 1, payload: bytes = b"", session: int = SESSION,
+          method: int = 0) -> bytes:
     return ch.encode(kind, session, stream, payload, method)
 
 

@@ -178,7 +178,8 @@ def test_forks_answer_their_first_request_whatever_their_snapshot_had_in_flight(
         assert machine.exec("wc -c < /root/big").stdout.strip() == str(len(payload)).encode()
         fork_ = vm_factory(snapshot=child)
         assert fork_.exec(["echo", f"first at depth {depth}"]).stdout == f"first at depth {depth}\n".encode()
-        fork_.exec("echo late > /tmp/gate").check()  # the fork's copy of the gated exec ends; its answer is nobody's
+        # The fork's copy of the gated exec ends; its answer belongs to a session nobody reads.
+        fork_.exec("echo late > /tmp/gate").check()
         assert fork_.spawn(["echo", "spawned"]).wait(timeout=60) == 0
         assert fork_.get("/etc/hostname") == b"vmfork\n"
         machine = fork_
