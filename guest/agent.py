@@ -33,7 +33,6 @@ import json
 import mmap
 import os
 import pty
-import random
 import select
 import selectors
 import signal
@@ -1150,8 +1149,7 @@ class Agent:
             marks.append(("chan", time.monotonic()))
         entropy = bytes.fromhex(cfg["entropy"])
         os.write(self.urandom, entropy)
-        fcntl.ioctl(self.urandom, RNDRESEEDCRNG)
-        random.seed(entropy)
+        fcntl.ioctl(self.urandom, RNDRESEEDCRNG)  # (the agent itself draws on os.urandom only)
         marks.append(("entropy", time.monotonic()))
         if "time_ns" in cfg:
             time.clock_settime_ns(time.CLOCK_REALTIME, int(cfg["time_ns"]))
@@ -1375,9 +1373,14 @@ class Agent:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
+    """Write beside ``path`` and rename over it; plain system calls, no io objects
+    (on the resume path every code path not yet run costs TCG translation)."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
     os.rename(tmp, path)
 
 
