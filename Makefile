@@ -54,8 +54,14 @@ bench: setup
 	VMFORK_BENCH=1 $(BIN)/pytest tests/bench --benchmark-only --benchmark-json=bench-results/bench.json -p no:cacheprovider
 	$(BIN)/python tests/bench/report.py bench-results/bench.json --svg bench-results/bench.svg
 
-proto: venv
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. pytest_vmfork/proto/agent.proto
+# Only agent_pb2.py is generated (the control channel is plain framed protobuf, no gRPC
+# code). protoc comes from grpcio-tools in a venv of its own: neither the project nor the
+# guest depends on it; its pin fixes the gencode version, the floor of protobuf in pyproject.
+PROTO_VENV := .venv-proto
+proto:
+	[ -x $(PROTO_VENV)/bin/python ] || $(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/pip install -q grpcio-tools==1.85.1
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. pytest_vmfork/proto/agent.proto
 
 clean-cache:
 	rm -rf $${VMFORK_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/pytest-vmfork}

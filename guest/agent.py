@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
 """pytest-vmfork guest agent: PID-1's long-lived helper inside every VM.
 
-It serves the gRPC ``Agent`` API (pytest_vmfork/proto/agent.proto) over a
+It serves the ``Agent`` service of pytest_vmfork/proto/agent.proto over one
 virtio-serial port, owns the mailboxes the host patches into memory, and on
 every resume (fork) it reseeds randomness, sets the clock, delivers mailbox
 payloads, applies the network handoff and then tells the host it is ready.
 
 Channels (both virtio-serial, so neither depends on the guest's network):
-- ``org.vmfork.ctl``: a byte pipe bridged to the local gRPC server socket.
+- ``org.vmfork.ctl``: length-prefixed protobuf messages multiplexed by stream
+  id (pytest_vmfork/channel.py; docs/protocol.md is the specification).
 - ``org.vmfork.evt``: line events to the host (``vmfork-evt event=ready ...``);
   from the host, a single doorbell byte queued *before* the vCPUs resume, so
-  the resume thread's blocked ``read()`` returns the moment the fork runs.
-  No polling and no host-to-guest RPC on the resume path.
+  the loop's ``select`` returns the moment the fork runs. No polling and no
+  host-to-guest request on the resume path.
+
+One selector loop serves both ports, every program's pipes and exit (a pidfd)
+and every timer; a thread runs only what must block (reading a file or tree
+out, the pyroute2 network fallback). Programs start with ``posix_spawn``.
 
 The resume path runs under TCG in a freshly started QEMU that must translate
 every guest instruction again, so it is kept short: no imports, no logging to
@@ -20,16 +25,16 @@ the console, pre-opened file descriptors, pre-built objects.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
+import heapq
 import json
 import mmap
 import os
 import pty
-import random
 import select
+import selectors
 import signal
 import socket
 import stat
@@ -38,26 +43,23 @@ import subprocess
 import termios
 import threading
 import time
-from concurrent import futures
 
-os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # grpc core writes straight to the console otherwise
-import grpc  # noqa: E402
-from pyroute2 import IPRoute  # noqa: E402
+from pyroute2 import IPRoute
 
+from pytest_vmfork import channel as ch
 from pytest_vmfork import mailbox as mbx
-from pytest_vmfork.tree import TreeWriter
 from pytest_vmfork.proto import agent_pb2 as pb
-from pytest_vmfork.proto import agent_pb2_grpc as pb_grpc
+from pytest_vmfork.tree import TreeWriter
 
-AGENT_VERSION = "1"
+AGENT_VERSION = "2"
 PORT_CTL = "org.vmfork.ctl"
 PORT_EVT = "org.vmfork.evt"
 RUN_DIR = "/run/vmfork"
-GRPC_SOCK = RUN_DIR + "/agent.sock"
 MAILBOX_DIR = RUN_DIR + "/mailbox"
 DOORBELL = b"R"
 RNDRESEEDCRNG = 0x5207
 NUD_REACHABLE = 0x02
+F_SETPIPE_SZ = 1031
 CHILD_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -65,17 +67,20 @@ CHILD_ENV = {
     "TERM": "dumb",
 }
 START = time.monotonic()
-CHUNK = 1 << 20  # file content per gRPC message (pytest_vmfork/files.py uses the same)
+CHUNK = ch.CHUNK  # file content per message
 OUTPUT_LIMIT = 1 << 20  # default bytes kept per spawned process stream
 EXEC_OUTPUT_LIMIT = 8 << 20  # default bytes kept of an exec's stdout and of its stderr
 MAX_OUTPUT_LIMIT = 64 << 20
 MAX_PROCESSES = 1024  # records kept; the oldest exited ones go first
-MAX_WAIT_S = 10.0  # a ReadProcess long poll holds a server thread at most this long
+MAX_WAIT_S = 10.0  # a ReadProcess long poll waits at most this long
+EXIT_DRAIN_S = 1.0  # after a spawned program exits, output still in its pipes is awaited this long
+KILL_GRACE_S = 5.0  # after an exec's timeout kill, its pipes get this long to close
 SHELL_CHUNK = 65536  # bytes per PTY read or write
+READ_SIZE = 1 << 16
+SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores these; a program gets the defaults
 _libc = ctypes.CDLL(None, use_errno=True)
 
-
-try:  # non-blocking: a stalled serial console must never stall an agent thread
+try:  # non-blocking: a stalled serial console must never stall the agent
     _CONSOLE = os.open("/dev/console", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
 except OSError:
     _CONSOLE = 2
@@ -154,184 +159,6 @@ class GuestMailbox:
 FRAME = struct.Struct("<II")  # session id, length (0: the session ended)
 
 
-class _Session:
-    """One connection to the in-guest gRPC server and the thread that frames its
-    replies. Made *spare* (no session id yet) ahead of use: the server accepts
-    it and sets its HTTP/2 transport up then, and its first bytes (the server's
-    SETTINGS) wait in ``held`` until the session is given an id."""
-
-    def __init__(self, bridge: "Bridge") -> None:
-        self.bridge = bridge
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(GRPC_SOCK)
-        self.sid = 0
-        self.active = threading.Event()
-        threading.Thread(target=self._pump_out, name="bridge-out", daemon=True).start()
-
-    def start(self, sid: int) -> None:
-        self.sid = sid
-        self.active.set()
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.active.set()  # a spare that never started: let its thread end
-        self.sock.close()
-
-    def _pump_out(self) -> None:
-        first = True
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                data = b""
-            if not self.active.is_set():
-                if not data:
-                    break  # the server closed the spare: the next session connects itself
-                self.active.wait()  # hold the server's first bytes until the session starts
-            if not self.sid:
-                break  # closed while spare
-            try:
-                self.bridge._send(self.sid, data)  # an empty frame tells the host the session ended
-            except OSError:
-                break
-            if not data:
-                break
-            if first:  # the session's first reply is out: now the bridge may do its housekeeping
-                first = False
-                self.bridge.replenish()
-        self.bridge._gone(self)
-        self.sock.close()
-
-
-class Bridge:
-    """Carries gRPC's HTTP/2 sessions over the ctl virtio-serial port.
-
-    The byte stream is framed by the host (pytest_vmfork/vmm.py): every chunk
-    carries a random session id, one per host client connection. A new id
-    opens a fresh connection to the in-guest gRPC server, so a session never
-    continues across a restore (every fork's first id is new) or across a
-    host reconnect; stale bytes of an old session are dropped on both sides.
-
-    The connection for the *next* session is made ahead (a spare, already
-    accepted by the gRPC server), and a replaced session is closed only after
-    the new one answered: a template's spare is in its snapshot, so a fork's
-    first RPC skips the server's accept and transport set-up and the old
-    session's teardown (under TCG every one of those code paths would be
-    translated anew in each fork).
-    """
-
-    def __init__(self, port_path: str) -> None:
-        self.fd = os.open(port_path, os.O_RDWR)
-        self.lock = threading.Lock()
-        self.wlock = threading.Lock()
-        self.inner: _Session | None = None
-        self.spare: _Session | None = None
-        self.retired: list[_Session] = []
-        self.sid = 0
-
-    def reset(self, *, defer: bool = False) -> None:
-        """End the current session; with ``defer`` its close waits for the next
-        session's first reply (a fork replacing the template's session)."""
-        with self.lock:
-            inner, self.inner = self.inner, None
-            if inner is not None and defer:
-                self.retired.append(inner)
-                return
-        if inner is not None:
-            inner.close()
-
-    def replenish(self) -> None:
-        """Close retired sessions and make the next spare: off the first reply's path."""
-        with self.lock:
-            retired, self.retired = self.retired, []
-            need = self.spare is None
-        for old in retired:
-            old.close()
-        if need:
-            try:
-                spare = _Session(self)
-            except OSError:
-                return  # the server is not up (boot): the next session connects itself
-            with self.lock:
-                if self.spare is None:
-                    self.spare, spare = spare, None
-            if spare is not None:
-                spare.close()
-
-    def _gone(self, session: _Session) -> None:
-        with self.lock:
-            if self.inner is session:
-                self.inner = None
-            if self.spare is session:
-                self.spare = None
-
-    def _send(self, sid: int, data: bytes) -> None:
-        view = memoryview(FRAME.pack(sid, len(data)) + data)
-        with self.wlock:
-            while view:
-                view = view[os.write(self.fd, view) :]
-
-    def _inner(self, sid: int) -> socket.socket:
-        with self.lock:
-            if self.inner is None:
-                session, self.spare = self.spare, None
-                if session is None:
-                    session = _Session(self)
-                session.start(sid)
-                self.inner = session
-            return self.inner.sock
-
-    def run(self) -> None:
-        """Parse frames as bytes arrive and forward each payload piece by piece.
-
-        A virtio-serial read returns at most one (4 KiB) buffer, so a frame is
-        never assembled in memory first: a big transfer streams through with
-        one copy, and small RPCs' frames pass between its pieces.
-        """
-        header = bytearray()
-        remaining = 0  # payload bytes of the current frame still to forward
-        inner: socket.socket | None = None
-        while True:
-            chunk = os.read(self.fd, 65536)
-            if not chunk:  # no host connected (never on a fork: QEMU holds it)
-                header.clear()
-                remaining, inner = 0, None
-                self.reset()
-                time.sleep(0.05)
-                continue
-            view = memoryview(chunk)
-            while view:
-                if remaining:
-                    n = min(remaining, len(view))
-                    if inner is not None:
-                        try:
-                            inner.sendall(view[:n])
-                        except OSError:  # the session is gone: drop the rest of this frame
-                            self.reset()
-                            inner = None
-                    remaining -= n
-                    view = view[n:]
-                    continue
-                need = FRAME.size - len(header)
-                header += view[:need]
-                view = view[need:]
-                if len(header) < FRAME.size:
-                    break
-                sid, length = FRAME.unpack(header)
-                header.clear()
-                if sid != self.sid:
-                    self.reset(defer=True)
-                    self.sid = sid
-                if not length:  # the host's session ended
-                    self.reset()
-                    inner = None
-                    continue
-                inner = self._inner(sid)
-                remaining = length
-
 
 class FastNetlink:
     """The resume path's network apply: three rtnetlink requests built at boot.
@@ -340,7 +167,7 @@ class FastNetlink:
     the MAC, address, prefix and gateway bytes are patched in and the requests
     go out on a plain netlink socket. A cold pyroute2 apply in a freshly
     restored TCG guest costs ~250 ms (every code path is translated again);
-    this costs a few. The full pyroute2 path remains for the gRPC fallback
+    this costs a few. The full pyroute2 path remains for the host's fallback
     and for anything but a fresh fork's interface.
     """
 
@@ -383,19 +210,23 @@ class FastNetlink:
         at = msg.index(old)
         return msg[:at] + new + msg[at + len(old):]
 
-    def apply(self, mac: str, ip: str, prefix: int, gateway: str | None, gateway_mac: str | None) -> None:
+    def apply(self, mac: str, ip: str, prefix: int, gateway: str | None, gateway_mac: str | None,
+              marks: list) -> None:
+        """Each request's end is appended to ``marks`` (net.link, net.addr, net.route, net.neigh)."""
         link, addr, route, neigh = self.msgs
         link = self._patch(link, _mac_bytes(self.MAC), _mac_bytes(mac))
         addr = self._patch(addr, socket.inet_aton(self.IP), socket.inet_aton(ip))
         addr = self._patch(addr, socket.inet_aton(self.IP), socket.inet_aton(ip))
         addr = addr[:17] + bytes([prefix]) + addr[18:]  # ifa_prefixlen follows nlmsghdr and ifa_family
-        batch = [link, addr]
+        batch = [("net.link", link), ("net.addr", addr)]
         if gateway:
-            batch.append(self._patch(route, socket.inet_aton(self.GW), socket.inet_aton(gateway)))
+            route = self._patch(route, socket.inet_aton(self.GW), socket.inet_aton(gateway))
+            batch.append(("net.route", route))
             if gateway_mac:  # the host's bridge: the ack needs no ARP round trip (nor the RX path)
                 neigh = self._patch(neigh, socket.inet_aton(self.GW), socket.inet_aton(gateway))
-                batch.append(self._patch(neigh, _mac_bytes(self.GW_MAC), _mac_bytes(gateway_mac)))
-        for msg in batch:
+                neigh = self._patch(neigh, _mac_bytes(self.GW_MAC), _mac_bytes(gateway_mac))
+                batch.append(("net.neigh", neigh))
+        for stage, msg in batch:
             self.seq += 1
             msg = msg[:8] + struct.pack("<I", self.seq) + msg[12:]
             self.sock.send(msg)
@@ -404,33 +235,579 @@ class FastNetlink:
             error, = struct.unpack_from("<i", reply, 16)
             if mtype != 2 or error != 0:  # NLMSG_ERROR carrying 0 is the ack
                 raise OSError(-error, f"rtnetlink request {struct.unpack_from('<H', msg, 4)[0]} failed")
+            marks.append((stage, time.monotonic()))
+
+
+# --- calls --------------------------------------------------------------------
+
+_ERRNO_CODE = {
+    errno.ENOENT: "NOT_FOUND",
+    errno.EACCES: "PERMISSION_DENIED",
+    errno.EPERM: "PERMISSION_DENIED",
+    errno.EROFS: "PERMISSION_DENIED",
+    errno.ENOSPC: "RESOURCE_EXHAUSTED",
+    errno.EDQUOT: "RESOURCE_EXHAUSTED",
+}
+
+
+class CallError(Exception):
+    """A call's failure, sent to the host as an ``Error`` message."""
+
+    def __init__(self, code: str, message: str, errno_name: str = "", path: str = "") -> None:
+        super().__init__(message)
+        self.error = pb.Error(code=code, message=message, errno=errno_name, path=path)
+
+
+def os_error(exc: OSError, path: str) -> CallError:
+    """The errno name and the guest path the host reports (GuestFileError)."""
+    code = exc.errno or errno.EIO
+    name = errno.errorcode.get(code, str(code))
+    return CallError(_ERRNO_CODE.get(code, "FAILED_PRECONDITION"),
+                     f"{path}: {exc.strerror or os.strerror(code)} ({name})", name, path)
+
+
+def invalid(message: str) -> CallError:
+    return CallError("INVALID_ARGUMENT", message)
+
+
+def _absolute(path: str) -> str:
+    if not path.startswith("/") or "\0" in path:
+        raise invalid(f"guest path {path!r} is not absolute")
+    return os.path.normpath(path)
+
+
+class Call:
+    """One stream of the channel. Replies go out only while the stream is open
+    and its session is the agent's (a fork drops whatever its snapshot had in flight)."""
+
+    def __init__(self, agent: Agent, stream: int) -> None:
+        self.agent, self.stream, self.session = agent, stream, agent.session
+        self.done = False
+
+    @property
+    def live(self) -> bool:
+        return not self.done and self.session == self.agent.session
+
+    def send(self, kind: int, payload: bytes = b"") -> None:
+        if not self.live:
+            return
+        if kind != ch.DATA:
+            self.done = True
+            self.agent.streams.pop(self.stream, None)
+        self.agent.write(ch.encode(kind, self.session, self.stream, payload))
+
+    def finish(self, reply=None) -> None:
+        self.send(ch.END, reply.SerializeToString() if reply is not None else b"")
+
+    def fail(self, exc: CallError) -> None:
+        self.send(ch.ERROR, exc.error.SerializeToString())
+
+    # Request messages after the first (client-streaming methods), the request
+    # side's end, the host abandoning the stream; the defaults suit one-request calls.
+    def data(self, payload: bytes) -> None:
+        raise invalid("this method takes a single request")
+
+    def end(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        self.done = True
+
+
+# --- programs -----------------------------------------------------------------
+
+
+def _env(extra) -> dict[str, str]:
+    env = dict(CHILD_ENV)
+    env.update(extra)
+    return env
+
+
+def start_program(argv: list[str], env_extra, cwd: str, stdin: int, stdout: int,
+                  stderr: int) -> tuple[int, object]:
+    """Start a program in its own session (a timeout kills its whole group) with
+    the given descriptors as 0, 1, 2: ``posix_spawn`` (no fork of the agent), or
+    subprocess where posix_spawn cannot (a working directory). Returns (pid, the
+    Popen object to keep, or None)."""
+    env = _env(env_extra)
+    if cwd and cwd != "/":
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
+                                start_new_session=True)
+        return proc.pid, proc
+    dup2 = os.POSIX_SPAWN_DUP2
+    actions = [(dup2, stdin, 0), (dup2, stdout, 1), (dup2, stderr, 2)]
+    path = argv[0]
+    if "/" not in path and "PATH" in env_extra:  # searched in the program's PATH, like subprocess
+        for d in env["PATH"].split(":"):
+            cand = os.path.join(d or ".", path)
+            if os.path.isfile(cand) and os.access(cand, os.X_OK):
+                path = cand
+                break
+    pid = os.posix_spawnp(path, argv, env, file_actions=actions, setsid=True, setsigdef=SIGDEF)
+    return pid, None
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(r, False)
+    return r, w
+
+
+class Feeder:
+    """Writes a program's stdin from the loop, then closes it (EPIPE ignored, like communicate())."""
+
+    def __init__(self, agent: Agent, fd: int, data: bytes) -> None:
+        self.agent, self.fd, self.view = agent, fd, memoryview(data)
+        os.set_blocking(fd, False)
+        self.ready(fd, 0)
+        if self.fd >= 0:
+            agent.sel.register(fd, selectors.EVENT_WRITE, self.ready)
+
+    def ready(self, fd: int, _events: int) -> None:
+        try:
+            while self.view:
+                self.view = self.view[os.write(fd, self.view[:SHELL_CHUNK]):]
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                self.agent.sel.unregister(self.fd)
+            except (KeyError, ValueError):
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Program:
+    """A started program as the loop sees it: its output pipes and its pidfd.
+    ``on_output(which, data)`` gets output (empty: that pipe closed); ``on_exit(code)``
+    the exit status, once reaped."""
+
+    def __init__(self, agent: Agent, argv: list[str], req, stdin_data: bytes | None, on_output,
+                 on_exit) -> None:
+        self.agent, self.on_output, self.on_exit = agent, on_output, on_exit
+        out_r, out_w = _pipe()
+        err_r, err_w = _pipe()
+        in_r, in_w = (os.pipe2(os.O_CLOEXEC) if stdin_data is not None else (agent.devnull, -1))
+        try:
+            self.pid, self.popen = start_program(argv, req.env, req.cwd, in_r, out_w, err_w)
+        except BaseException:
+            for fd in (out_r, err_r, in_w):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+            if in_r != agent.devnull:
+                os.close(in_r)
+        self.returncode: int | None = None
+        self.pipes = {out_r: 0, err_r: 1}
+        self.grown: set[int] = set()
+        for fd in (out_r, err_r):
+            agent.sel.register(fd, selectors.EVENT_READ, self.readable)
+        self.pidfd = os.pidfd_open(self.pid)
+        agent.sel.register(self.pidfd, selectors.EVENT_READ, self.exited)
+        self.feeder = Feeder(agent, in_w, stdin_data) if stdin_data is not None else None
+
+    def readable(self, fd: int, _events: int) -> None:
+        which = self.pipes[fd]
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close_pipe(fd)
+        elif len(data) == READ_SIZE and fd not in self.grown:  # a chatty program: fewer, larger reads
+            self.grown.add(fd)  # (not up front: a small command's first run skips the kernel's resize)
+            try:
+                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass
+        self.on_output(which, data, fd)
+
+    def close_pipe(self, fd: int) -> None:
+        if self.pipes.pop(fd, None) is not None:
+            self.agent.sel.unregister(fd)
+            os.close(fd)
+
+    def exited(self, fd: int, _events: int) -> None:
+        self.reap()
+        self.on_exit(self.returncode)
+
+    def reap(self) -> None:
+        """Collect the exit status (the pidfd said it exited, or it was killed)."""
+        if self.pidfd >= 0:
+            self.agent.sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        if self.popen is not None:
+            self.popen.returncode = self.returncode  # reaped here: subprocess must not wait for it
+        if self.feeder is not None:
+            self.feeder.close()
+
+    def close(self) -> None:
+        for fd in list(self.pipes):
+            self.close_pipe(fd)
+
+
+class ExecCall(Call):
+    """Run a program to completion; stdout and stderr are each kept up to the
+    request's ``output_limit`` (default 8 MiB): the rest is read and dropped
+    (so the program never blocks on a full pipe), counted, and marked at the end."""
+
+    def start(self, req) -> None:
+        t0 = time.monotonic()
+        self.t0 = t0
+        argv = list(req.argv)
+        if not argv:
+            raise invalid("argv is empty")
+        self.limit = req.output_limit or EXEC_OUTPUT_LIMIT
+        self.kept = (bytearray(), bytearray())
+        self.dropped = [0, 0]
+        self.timed_out = False
+        self.timer = None
+        try:
+            # No input: /dev/null (EOF at once, like a closed pipe) and no feeder.
+            stdin = req.stdin if req.stdin else None
+            self.prog = Program(self.agent, argv, req, stdin, self.output, self.exit)
+        except OSError as exc:
+            msg = f"vmfork-agent: cannot execute {argv[0]!r}: {exc.strerror}\n".encode()
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            took = (time.monotonic() - t0) * 1e3
+            self.finish(pb.ExecResponse(exit_code=code, stderr=msg, duration_ms=took))
+            return
+        self.spawn_ms = (time.monotonic() - t0) * 1e3
+        if req.timeout_s:
+            self.timer = self.agent.call_later(req.timeout_s, self.expire)
+
+    def output(self, which: int, data: bytes, fd: int) -> None:
+        if not data:
+            self.maybe_done()
+            return
+        buf = self.kept[which]
+        room = self.limit - len(buf)
+        if room >= len(data):
+            buf += data
+            return
+        if room > 0:
+            buf += data[:room]
+        self.dropped[which] += len(data) - max(room, 0)
+        try:  # past the cap: drop what is queued in the kernel, without copying
+            while got := os.splice(fd, self.agent.devnull_w, 1 << 30, flags=os.SPLICE_F_NONBLOCK):
+                self.dropped[which] += got
+        except (BlockingIOError, OSError):
+            pass
+
+    def exit(self, code: int) -> None:
+        self.maybe_done()
+
+    def expire(self) -> None:
+        self.timer = None
+        if self.timed_out:  # killed, yet a detached child still holds the pipes
+            self.prog.close()
+            self.complete()
+            return
+        self.timed_out = True
+        try:
+            os.killpg(self.prog.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.timer = self.agent.call_later(KILL_GRACE_S, self.expire)
+
+    def maybe_done(self) -> None:
+        if self.live and not self.prog.pipes and self.prog.returncode is not None:
+            self.complete()
+
+    def complete(self) -> None:
+        if self.timer is not None:
+            self.agent.cancel_timer(self.timer)
+            self.timer = None
+        if self.prog.returncode is None:  # only after a timeout: the kill is under way
+            self.prog.reap()
+        out, err = self.kept
+        for which, buf in ((0, out), (1, err)):
+            if self.dropped[which]:
+                what = ("stdout", "stderr")[which]
+                buf += (f"\n[vmfork: {what} truncated at {self.limit} bytes (output_limit); "
+                        f"{self.dropped[which]} more bytes dropped]\n").encode()
+        self.finish(pb.ExecResponse(
+            exit_code=self.prog.returncode or 0, stdout=bytes(out), stderr=bytes(err),
+            timed_out=self.timed_out,
+            duration_ms=(time.monotonic() - self.t0) * 1e3, stdout_dropped=self.dropped[0],
+            stderr_dropped=self.dropped[1], spawn_ms=self.spawn_ms,
+        ))
+
+
+# --- background processes ------------------------------------------------------
+
+
+class Stream:
+    """The newest ``limit`` bytes of one output pipe and how many it produced."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = bytearray()
+        self.total = 0  # bytes produced; buf holds [total - len(buf), total)
+
+    def append(self, data: bytes) -> None:
+        self.buf += data
+        self.total += len(data)
+        if len(self.buf) > self.limit:
+            del self.buf[: len(self.buf) - self.limit]
+
+    def since(self, offset: int, max_bytes: int) -> tuple[bytes, int]:
+        start = max(offset, self.total - len(self.buf))
+        at = start - (self.total - len(self.buf))
+        return bytes(self.buf[at : at + max_bytes]), start
+
+
+class Waiter:
+    """A ReadProcess long poll: answered on news or at its timer."""
+
+    def __init__(self, call: Call, out_off: int, err_off: int, max_bytes: int) -> None:
+        self.call, self.out_off, self.err_off, self.max_bytes = call, out_off, err_off, max_bytes
+        self.timer: list | None = None
+
+
+class GuestProcess:
+    """A spawned program: its output kept in bounded streams, its long polls waiting."""
+
+    def __init__(self, agent: Agent, argv: list[str], req, limit: int) -> None:
+        self.agent = agent
+        self.streams = (Stream(limit), Stream(limit))
+        self.returncode: int | None = None  # set once reaped and its output drained (or EXIT_DRAIN_S)
+        self.waiters: list[Waiter] = []
+        self.drain_timer = None
+        self.prog = Program(agent, argv, req, req.stdin if req.has_stdin else None, self.output, self.exit)
+        self.pid = self.prog.pid
+
+    def output(self, which: int, data: bytes, fd: int) -> None:
+        if data:
+            self.streams[which].append(data)
+        elif not self.prog.pipes and self.prog.returncode is not None:
+            self.settle()
+        self.wake()
+
+    def exit(self, code: int) -> None:
+        if not self.prog.pipes:
+            self.settle()
+        else:  # what it wrote before exiting; bounded, a child may hold the pipe
+            self.drain_timer = self.agent.call_later(EXIT_DRAIN_S, self.settle)
+        self.wake()
+
+    def settle(self) -> None:
+        if self.drain_timer is not None:
+            self.agent.cancel_timer(self.drain_timer)
+            self.drain_timer = None
+        self.returncode = self.prog.returncode
+        self.wake()
+
+    def changed(self, out_off: int, err_off: int) -> bool:
+        out, err = self.streams
+        return self.returncode is not None or out.total > out_off or err.total > err_off
+
+    def state(self, out_off: int, err_off: int, max_bytes: int):
+        out, err = self.streams
+        out_data, out_start = out.since(out_off, max_bytes)
+        err_data, err_start = err.since(err_off, max_bytes)
+        return pb.ProcessState(
+            exited=self.returncode is not None, returncode=self.returncode or 0,
+            stdout=out_data, stdout_start=out_start, stdout_total=out.total,
+            stderr=err_data, stderr_start=err_start, stderr_total=err.total,
+        )
+
+    def read(self, call: Call, req) -> None:
+        """Answer now if there is news or no wait; else when there is, or at the wait's end."""
+        max_bytes = min(req.max_bytes or CHUNK, CHUNK)
+        wait_s = min(max(req.wait_s, 0.0), MAX_WAIT_S)
+        if wait_s <= 0 or self.changed(req.stdout_offset, req.stderr_offset):
+            call.finish(self.state(req.stdout_offset, req.stderr_offset, max_bytes))
+            return
+        waiter = Waiter(call, req.stdout_offset, req.stderr_offset, max_bytes)
+        waiter.timer = self.agent.call_later(wait_s, lambda: self.answer(waiter))
+        self.waiters.append(waiter)
+
+    def answer(self, waiter: Waiter) -> None:
+        if waiter not in self.waiters:
+            return
+        self.waiters.remove(waiter)
+        self.agent.cancel_timer(waiter.timer)
+        waiter.call.finish(self.state(waiter.out_off, waiter.err_off, waiter.max_bytes))
+
+    def wake(self) -> None:
+        for waiter in list(self.waiters):
+            if not waiter.call.live:
+                self.waiters.remove(waiter)
+                self.agent.cancel_timer(waiter.timer)
+            elif self.changed(waiter.out_off, waiter.err_off):
+                self.answer(waiter)
 
 
 # --- files ------------------------------------------------------------------
 
-_ERRNO_STATUS = {
-    errno.ENOENT: grpc.StatusCode.NOT_FOUND,
-    errno.EACCES: grpc.StatusCode.PERMISSION_DENIED,
-    errno.EPERM: grpc.StatusCode.PERMISSION_DENIED,
-    errno.EROFS: grpc.StatusCode.PERMISSION_DENIED,
-    errno.ENOSPC: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errno.EDQUOT: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+
+class PutFileCall(Call):
+    """Write one guest file: a header, then its content; renamed into place at the end."""
+
+    fd = -1
+    tmp: str | None = None
+
+    def start(self, first) -> None:
+        if first.WhichOneof("msg") != "header":
+            raise invalid("PutFile starts with a header")
+        h = first.header
+        self.path = path = _absolute(h.path)
+        parent, name = os.path.split(path)
+        self.size = 0
+        try:
+            _make_dirs(parent)
+            if os.path.isdir(path):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            try:
+                self.mode = h.mode & 0o7777 if h.set_mode else stat.S_IMODE(os.stat(path).st_mode)
+            except FileNotFoundError:
+                self.mode = 0o644
+            # Written beside the target and renamed over it: no reader sees half a file.
+            self.tmp = os.path.join(parent, f".{name}.vmfork-{os.urandom(4).hex()}")
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise self.failed(exc) from None
+
+    def failed(self, exc: OSError) -> CallError:
+        named = exc.filename if isinstance(exc.filename, str) and exc.filename != self.tmp else self.path
+        self.close()
+        return os_error(exc, named)
+
+    def data(self, payload: bytes) -> None:
+        if self.fd < 0:
+            return
+        data = pb.PutFileRequest.FromString(payload).data
+        try:
+            _write_all(self.fd, data)
+        except OSError as exc:
+            raise self.failed(exc) from None
+        self.size += len(data)
+
+    def end(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.fchmod(self.fd, self.mode)
+            os.close(self.fd)
+            self.fd = -1
+            os.rename(self.tmp, self.path)
+            self.tmp = None
+        except OSError as exc:
+            raise self.failed(exc) from None
+        self.finish(pb.PutResponse(bytes=self.size, entries=1))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+            self.tmp = None
+
+    def cancel(self) -> None:
+        self.done = True
+        self.close()
 
 
-def abort_os(context, exc: OSError, path: str) -> None:
-    """End the RPC with the errno name and the guest path the host reports."""
-    code = exc.errno or errno.EIO
-    name = errno.errorcode.get(code, str(code))
-    context.set_trailing_metadata((("vmfork-errno", name), ("vmfork-path", path)))
-    context.abort(_ERRNO_STATUS.get(code, grpc.StatusCode.FAILED_PRECONDITION),
-                  f"{path}: {exc.strerror or os.strerror(code)} ({name})")
+class PutTreeCall(Call):
+    """Write a tree under a guest directory: the directory, then its entries (tree.TreeWriter)."""
+
+    writer = None
+
+    def start(self, first) -> None:
+        if first.WhichOneof("msg") != "guest_dir":
+            raise invalid("PutTree starts with the guest directory")
+        root = _absolute(first.guest_dir)
+
+        def fail(why: str):
+            raise invalid(f"put_tree: {why}")
+
+        self.writer = TreeWriter(root, fail=fail)
+        try:
+            _make_dirs(root)
+        except OSError as exc:
+            raise self.failed(exc) from None
+
+    def failed(self, exc: OSError) -> CallError:
+        writer, self.writer = self.writer, None
+        writer.close()
+        return os_error(exc, exc.filename if isinstance(exc.filename, str) else writer.path)
+
+    def data(self, payload: bytes) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.add(pb.PutTreeRequest.FromString(payload).entry)
+        except OSError as exc:
+            raise self.failed(exc) from None
+        except CallError:
+            self.close()
+            raise
+
+    def end(self) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.finish()
+        except OSError as exc:
+            raise self.failed(exc) from None
+        writer, self.writer = self.writer, None
+        writer.close()
+        self.finish(pb.PutResponse(bytes=writer.bytes, entries=writer.entries))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def cancel(self) -> None:
+        self.done = True
+        self.close()
 
 
-def _absolute(context, path: str) -> str:
-    if not path.startswith("/") or "\0" in path:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"guest path {path!r} is not absolute")
-    return os.path.normpath(path)
+def send_file(call: Call, fd: int, path: str, st: os.stat_result) -> None:
+    """GetFile's thread: a header (size, mode), then the content in CHUNK pieces."""
+    with open(fd, "rb", buffering=0) as f:
+        try:
+            head = pb.FileChunk(size=st.st_size, mode=stat.S_IMODE(st.st_mode))
+            call.send(ch.DATA, head.SerializeToString())
+            while call.live and (data := f.read(CHUNK)):
+                call.send(ch.DATA, pb.FileChunk(data=data).SerializeToString())
+        except OSError as exc:
+            call.fail(os_error(exc, path))
+            return
+    call.finish()
+
+
+def send_tree(call: Call, root: str) -> None:
+    """GetTree's thread: the entries under ``root``, parents first."""
+    try:
+        for entry in walk_tree(root):
+            if not call.live:
+                return
+            call.send(ch.DATA, entry.SerializeToString())
+    except OSError as exc:
+        call.fail(os_error(exc, exc.filename if isinstance(exc.filename, str) else root))
+        return
+    call.finish()
 
 
 def _make_dirs(path: str) -> None:
@@ -447,8 +824,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
 def walk_tree(root: str):
     """(kind, relative path, mode, target, fd) for everything under ``root``:
     a directory before its entries, names sorted, symlinks never followed."""
@@ -477,276 +852,112 @@ def walk_tree(root: str):
                             yield pb.TreeEntry(kind=kind, data=data)
                         if not data:
                             break
-            else:
-                raise OSError(errno.EINVAL, "not a regular file, directory or symlink", e.path)
 
 
-class GuestFiles:
-    """The file RPCs: content streams in CHUNK-sized messages, errors carry errno + path."""
+# --- the shell ------------------------------------------------------------------
 
-    def PutFile(self, request_iterator, context):  # noqa: N802
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("msg") != "header":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PutFile starts with a header")
-        h = first.header
-        path = _absolute(context, h.path)
-        parent, name = os.path.split(path)
-        tmp, size = None, 0
-        try:
-            _make_dirs(parent)
-            if os.path.isdir(path):
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+
+class ShellCall(Call):
+    """A program on a PTY (vmfork shell): keystrokes in, terminal output out, the exit status last."""
+
+    def start(self, first) -> None:
+        argv = list(first.argv) or (["/bin/bash", "-l"] if os.path.exists("/bin/bash") else ["/bin/sh", "-l"])
+        pid, master = pty.fork()  # the child: a new session with the PTY as its controlling tty
+        if pid == 0:
             try:
-                mode = h.mode & 0o7777 if h.set_mode else stat.S_IMODE(os.stat(path).st_mode)
-            except FileNotFoundError:
-                mode = 0o644
-            # Written beside the target and renamed over it: no reader sees half a file.
-            tmp = os.path.join(parent, f".{name}.vmfork-{os.urandom(4).hex()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                for msg in request_iterator:
-                    _write_all(fd, msg.data)
-                    size += len(msg.data)
-                os.fchmod(fd, mode)
+                env = dict(CHILD_ENV, TERM=first.term or "xterm", HOME="/root")
+                os.chdir("/root")
+                os.execvpe(argv[0], argv, env)
             finally:
-                os.close(fd)
-            os.rename(tmp, path)
-            tmp = None
-        except OSError as exc:
-            named = exc.filename if isinstance(exc.filename, str) and exc.filename != tmp else path
-            abort_os(context, exc, named)
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-        return pb.PutResponse(bytes=size, entries=1)
+                os._exit(127)
+        self.pid, self.master = pid, master
+        self.pending = bytearray()
+        self.running = True
+        os.set_blocking(master, False)
+        self.resize(first)
+        self.agent.sel.register(master, selectors.EVENT_READ, self.ready)
+        self.pidfd = os.pidfd_open(pid)
+        self.agent.sel.register(self.pidfd, selectors.EVENT_READ, self.exited)
 
-    def GetFile(self, request, context):  # noqa: N802
-        path = _absolute(context, request.path)
-        try:
-            fd = os.open(path, os.O_RDONLY)
+    def resize(self, msg) -> None:
+        if msg.rows and msg.cols:
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ,
+                        struct.pack("HHHH", min(msg.rows, 10000), min(msg.cols, 10000), 0, 0))
+
+    def ready(self, fd: int, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            self.flush()
+        if events & selectors.EVENT_READ:
+            self.drain()
+
+    def drain(self) -> None:
+        while self.master >= 0:
             try:
-                st = os.fstat(fd)
-                if stat.S_ISDIR(st.st_mode):
-                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-            except OSError:
-                os.close(fd)
-                raise
-        except OSError as exc:
-            abort_os(context, exc, path)
-        with open(fd, "rb", buffering=0) as f:
-            try:
-                yield pb.FileChunk(size=st.st_size, mode=stat.S_IMODE(st.st_mode))
-                while data := f.read(CHUNK):
-                    yield pb.FileChunk(data=data)
-            except OSError as exc:
-                abort_os(context, exc, path)
+                data = os.read(self.master, SHELL_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:  # EIO: every slave fd closed
+                data = b""
+            if not data:  # the program closed its tty; its exit comes on the pidfd
+                self.agent.sel.unregister(self.master)
+                os.close(self.master)
+                self.master = -1
+                return
+            self.send(ch.DATA, pb.ShellOutput(data=data).SerializeToString())
 
-    def PutTree(self, request_iterator, context):  # noqa: N802
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("msg") != "guest_dir":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PutTree starts with the guest directory")
-        root = _absolute(context, first.guest_dir)
-
-        def fail(why: str):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"put_tree: {why}")
-
-        writer = TreeWriter(root, fail=fail)
+    def flush(self) -> None:
         try:
-            _make_dirs(root)
-            for msg in request_iterator:
-                writer.add(msg.entry)
-            writer.finish()
-        except OSError as exc:
-            abort_os(context, exc, exc.filename if isinstance(exc.filename, str) else writer.path)
-        finally:
-            writer.close()
-        return pb.PutResponse(bytes=writer.bytes, entries=writer.entries)
-
-    def GetTree(self, request, context):  # noqa: N802
-        root = _absolute(context, request.guest_dir)
-        try:
-            if not os.path.isdir(root):
-                os.stat(root)  # ENOENT if missing
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), root)
-            yield from walk_tree(root)
-        except OSError as exc:
-            abort_os(context, exc, exc.filename if isinstance(exc.filename, str) else root)
-
-
-def _net_identity(net: dict) -> tuple:
-    return (net["mac"], net["ipv4"], int(net["prefix"]), net.get("gateway") or None, net.get("gateway_mac"))
-
-
-def _mac_bytes(mac: str) -> bytes:
-    raw = bytes.fromhex(mac.replace(":", ""))
-    if len(raw) != 6:
-        raise ValueError(f"not a MAC address: {mac!r}")
-    return raw
-
-
-def _popen(argv: list[str], request, *, stdin: bool) -> subprocess.Popen:
-    """A program for Exec and Spawn: the agent's environment plus the request's,
-    its own session (so a timeout kills its whole group), output on pipes."""
-    env = dict(CHILD_ENV)
-    env.update(request.env)
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=request.cwd or "/",
-        env=env,
-        start_new_session=True,
-    )
-
-
-# --- background processes ------------------------------------------------------
-
-
-class Stream:
-    """The newest ``limit`` bytes of one output pipe and how many it produced."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.buf = bytearray()
-        self.total = 0  # bytes produced; buf holds [total - len(buf), total)
-
-    def append(self, data: bytes) -> None:
-        self.buf += data
-        self.total += len(data)
-        if len(self.buf) > self.limit:
-            del self.buf[: len(self.buf) - self.limit]
-
-    def since(self, offset: int, max_bytes: int) -> tuple[bytes, int]:
-        start = max(offset, self.total - len(self.buf))
-        at = start - (self.total - len(self.buf))
-        return bytes(self.buf[at : at + max_bytes]), start
-
-
-class GuestProcess:
-    """A spawned process: reader threads fill bounded buffers, a waiter reaps it."""
-
-    def __init__(self, proc: subprocess.Popen, limit: int, stdin: bytes | None) -> None:
-        self.proc = proc
-        self.cond = threading.Condition()
-        self.streams = (Stream(limit), Stream(limit))
-        self.returncode: int | None = None
-        self.readers = [threading.Thread(target=self._read, args=(pipe, s), daemon=True)
-                        for pipe, s in zip((proc.stdout, proc.stderr), self.streams)]
-        for t in self.readers:
-            t.start()
-        if stdin is not None:
-            threading.Thread(target=self._feed, args=(stdin,), daemon=True).start()
-        threading.Thread(target=self._wait, daemon=True).start()
-
-    def _feed(self, data: bytes) -> None:
-        try:
-            self.proc.stdin.write(data)
+            while self.pending:
+                del self.pending[: os.write(self.master, self.pending[:SHELL_CHUNK])]
+        except BlockingIOError:
+            pass
         except OSError:
-            pass  # it closed its stdin or exited
-        finally:
+            self.pending.clear()
+        if self.master >= 0:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.pending else 0)
+            self.agent.sel.modify(self.master, events, self.ready)
+
+    def data(self, payload: bytes) -> None:
+        msg = pb.ShellInput.FromString(payload)
+        if self.master < 0:
+            return
+        self.resize(msg)
+        if msg.data:
+            self.pending += msg.data[:SHELL_CHUNK]
+            self.flush()
+
+    def exited(self, fd: int, _events: int) -> None:
+        self.agent.sel.unregister(fd)
+        os.close(fd)
+        _, status = os.waitpid(self.pid, 0)
+        self.running = False
+        self.drain()
+        if self.master >= 0:
+            self.agent.sel.unregister(self.master)
+            os.close(self.master)
+            self.master = -1
+        self.finish(pb.ShellOutput(exited=True, exit_code=os.waitstatus_to_exitcode(status)))
+
+    def hangup(self) -> None:
+        if self.running:  # like a closed terminal (a reaped pid is gone: not signalled)
             try:
-                self.proc.stdin.close()
-            except OSError:
+                os.kill(self.pid, signal.SIGHUP)
+            except ProcessLookupError:
                 pass
 
-    def _read(self, pipe, stream: Stream) -> None:
-        fd = pipe.fileno()
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:
-                data = b""
-            with self.cond:
-                if data:
-                    stream.append(data)
-                self.cond.notify_all()
-            if not data:
-                pipe.close()
-                return
+    def end(self) -> None:
+        self.hangup()
 
-    def _wait(self) -> None:
-        code = self.proc.wait()
-        for t in self.readers:  # what it wrote before exiting; bounded, a child may hold the pipe
-            t.join(1.0)
-        with self.cond:
-            self.returncode = code
-            self.cond.notify_all()
-
-    def state(self, out_off: int, err_off: int, wait_s: float, max_bytes: int):
-        out, err = self.streams
-        with self.cond:
-            self.cond.wait_for(
-                lambda: self.returncode is not None or out.total > out_off or err.total > err_off,
-                timeout=min(max(wait_s, 0.0), MAX_WAIT_S),
-            )
-            out_data, out_start = out.since(out_off, max_bytes)
-            err_data, err_start = err.since(err_off, max_bytes)
-            return pb.ProcessState(
-                exited=self.returncode is not None, returncode=self.returncode or 0,
-                stdout=out_data, stdout_start=out_start, stdout_total=out.total,
-                stderr=err_data, stderr_start=err_start, stderr_total=err.total,
-            )
+    def cancel(self) -> None:
+        self.done = True
+        self.hangup()
 
 
-class GuestProcesses:
-    """The process RPCs; one record per spawned process, bounded in number."""
+# --- the agent --------------------------------------------------------------------
 
+
+class Agent:
     def __init__(self) -> None:
-        self.procs: dict[int, GuestProcess] = {}
-        self.procs_lock = threading.Lock()
-
-    def _process(self, pid: int, context) -> GuestProcess:
-        with self.procs_lock:
-            p = self.procs.get(pid)
-        if p is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no spawned process with pid {pid}")
-        return p
-
-    def Spawn(self, request, context):  # noqa: N802
-        argv = list(request.argv)
-        if not argv:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "argv is empty")
-        limit = min(request.output_limit or OUTPUT_LIMIT, MAX_OUTPUT_LIMIT)
-        try:
-            proc = _popen(argv, request, stdin=request.has_stdin)
-        except OSError as exc:
-            abort_os(context, exc, exc.filename if isinstance(exc.filename, str) else argv[0])
-        p = GuestProcess(proc, limit, request.stdin if request.has_stdin else None)
-        with self.procs_lock:
-            self.procs[proc.pid] = p
-            if len(self.procs) > MAX_PROCESSES:
-                for pid in [pid for pid, q in self.procs.items() if q.returncode is not None]:
-                    del self.procs[pid]
-                    if len(self.procs) <= MAX_PROCESSES:
-                        break
-        return pb.SpawnResponse(pid=proc.pid)
-
-    def ReadProcess(self, request, context):  # noqa: N802
-        p = self._process(request.pid, context)
-        return p.state(request.stdout_offset, request.stderr_offset, request.wait_s,
-                       min(request.max_bytes or CHUNK, CHUNK))
-
-    def SignalProcess(self, request, context):  # noqa: N802
-        p = self._process(request.pid, context)
-        with p.cond:
-            if p.returncode is not None:
-                return pb.SignalProcessResponse(delivered=False)
-            try:  # not yet reaped (the waiter sets returncode), so the pid is still this process
-                (os.killpg if request.group else os.kill)(request.pid, request.signal)
-            except ProcessLookupError:
-                return pb.SignalProcessResponse(delivered=False)
-            except OSError as exc:
-                abort_os(context, exc, f"pid {request.pid}")
-        return pb.SignalProcessResponse(delivered=True)
-
-
-class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
-    def __init__(self) -> None:
-        GuestProcesses.__init__(self)
         params = cmdline_params()
         self.nonce = os.urandom(mbx.NONCE_SIZE)
         self.system = GuestMailbox(mbx.SYSTEM_MAILBOX, self.nonce)
@@ -756,16 +967,147 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
         self.token = ""
         self.kernel = os.uname().release
         self.urandom = os.open("/dev/urandom", os.O_WRONLY)
+        self.devnull = os.open("/dev/null", os.O_RDONLY)
+        self.devnull_w = os.open("/dev/null", os.O_WRONLY)
         os.makedirs(MAILBOX_DIR, exist_ok=True)
         self.evt = os.open(find_port(PORT_EVT), os.O_RDWR)
-        self.bridge = Bridge(find_port(PORT_CTL))
         self.evt_lock = threading.Lock()
+        # The channel: one session at a time (0 until the first frame names one).
+        self.ctl = os.open(find_port(PORT_CTL), os.O_RDWR | os.O_NONBLOCK)
+        self.session = 0
+        self.decoder = ch.Decoder(0, ch.MAX_REQUEST)
+        self.streams: dict[int, Call] = {}
+        self.wlock = threading.Lock()
+        self.sel = selectors.DefaultSelector()
+        self.timers: list[list] = []
+        self.seq = 0
+        self.sel.register(self.ctl, selectors.EVENT_READ, self.ctl_readable)
+        self.sel.register(self.evt, selectors.EVENT_READ, self.evt_readable)
+        self.handlers = {m.id: getattr(self, "rpc_" + m.name) for m in ch.METHODS.values()}
+        self.call_types = {ch.METHODS[name].id: cls for name, cls in (
+            ("Exec", ExecCall), ("PutFile", PutFileCall), ("PutTree", PutTreeCall), ("Shell", ShellCall))}
+        self.procs: dict[int, GuestProcess] = {}
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.ipr = IPRoute()
         self.net_lock = threading.Lock()
         self.fast_ok = False
         self.applied: tuple | None = None  # the network config eth0 carries now
         self.warm_network()
+
+    # --- the loop ------------------------------------------------------------
+
+    def call_later(self, delay: float, fn) -> list:
+        self.seq += 1
+        entry = [time.monotonic() + delay, self.seq, fn, True]
+        heapq.heappush(self.timers, entry)
+        return entry
+
+    @staticmethod
+    def cancel_timer(entry: list | None) -> None:
+        if entry is not None:
+            entry[3] = False
+
+    def run(self) -> None:
+        timers, select = self.timers, self.sel.select
+        while True:
+            while timers and not timers[0][3]:
+                heapq.heappop(timers)
+            events = select(max(timers[0][0] - time.monotonic(), 0.0) if timers else None)
+            for key, mask in events:
+                try:
+                    key.data(key.fd, mask)
+                except Exception as exc:  # one broken call must not take the agent down
+                    log(f"loop: {exc!r}")
+            now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                entry = heapq.heappop(timers)
+                if entry[3]:
+                    entry[3] = False
+                    try:
+                        entry[2]()
+                    except Exception as exc:
+                        log(f"timer: {exc!r}")
+
+    def pause(self, fd: int, callback) -> None:
+        """A port with no host behind it reads EOF at once: look again later (boot only)."""
+        self.sel.unregister(fd)
+        self.call_later(0.05, lambda: self.sel.register(fd, selectors.EVENT_READ, callback))
+
+    # --- the channel ------------------------------------------------------------
+
+    def write(self, frame: bytes) -> None:
+        """Send one frame whole (frames of threads and of the loop never interleave)."""
+        view = memoryview(frame)
+        with self.wlock:
+            while view:
+                try:
+                    view = view[os.write(self.ctl, view):]
+                except BlockingIOError:
+                    select.select([], [self.ctl], [], 1.0)
+
+    def ctl_readable(self, fd: int, _mask: int) -> None:
+        chunks = []
+        for _ in range(256):  # a virtio-serial read returns one 4 KiB buffer: take what is queued
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            if not data:
+                if not chunks:
+                    self.pause(fd, self.ctl_readable)
+                break
+            chunks.append(data)
+        if not chunks:
+            return
+        try:
+            frames = self.decoder.feed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        except ch.ProtocolError as exc:
+            log(f"channel: {exc}; input dropped")
+            self.decoder.reset(self.session)
+            return
+        self.session = self.decoder.session
+        for frame in frames:
+            self.on_frame(frame)
+
+    def reset_session(self, session: int) -> None:
+        """A fork: whatever the snapshot had in flight belongs to a session no host will read."""
+        self.session = session
+        self.decoder.reset(session)
+        streams, self.streams = self.streams, {}
+        for call in streams.values():
+            call.cancel()
+
+    def on_frame(self, frame: ch.Frame) -> None:
+        kind, stream = frame.kind, frame.stream
+        if kind == ch.CALL:
+            method = ch.BY_ID.get(frame.method)
+            call = self.call_types.get(frame.method, Call)(self, stream)
+            if method is None:
+                call.fail(invalid(f"unknown method {frame.method}"))
+                return
+            self.streams[stream] = call
+            try:
+                self.handlers[method.id](call, method.request.FromString(frame.payload))
+            except CallError as exc:
+                call.fail(exc)
+            except Exception as exc:
+                call.fail(CallError("INTERNAL", f"{method.name}: {exc!r}"))
+            return
+        call = self.streams.get(stream)
+        if call is None:
+            return  # a stream that ended (e.g. failed mid-put): its later frames are dropped
+        try:
+            if kind == ch.DATA:
+                call.data(frame.payload)
+            elif kind == ch.END:
+                call.end()
+            elif kind == ch.CANCEL:
+                self.streams.pop(stream, None)
+                call.cancel()
+        except CallError as exc:
+            call.fail(exc)
+        except Exception as exc:
+            call.fail(CallError("INTERNAL", repr(exc)))
 
     # --- events to the host ------------------------------------------------
 
@@ -776,39 +1118,48 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
 
     # --- resume ------------------------------------------------------------
 
-    def resume_loop(self) -> None:
-        while True:
-            data = os.read(self.evt, 64)
-            if not data:  # no host listening (boot only)
-                time.sleep(0.05)
-                continue
-            if DOORBELL in data:
-                try:
-                    self.on_resume()
-                except Exception as exc:  # report, never die: the host waits for a line
-                    self.emit(event="error", stage="resume", detail=type(exc).__name__)
-                    log(f"resume failed: {exc!r}")
+    def evt_readable(self, fd: int, _mask: int) -> None:
+        data = os.read(fd, 64)
+        if not data:  # no host listening (boot only)
+            self.pause(fd, self.evt_readable)
+            return
+        if DOORBELL in data:
+            try:
+                self.on_resume()
+            except Exception as exc:  # report, never die: the host waits for a line
+                self.emit(event="error", stage="resume", detail=type(exc).__name__)
+                log(f"resume failed: {exc!r}")
 
     def on_resume(self) -> None:
+        """The doorbell rang: a fork (or the same VM resumed as a new generation).
+        Each stage's end is stamped (ms since the doorbell) and reported in the ready event."""
         t0 = time.monotonic()
+        marks = []
         got = self.system.take()
         if got is None:
             self.emit(event="error", stage="resume", detail="no-new-generation")
             return
         cfg = json.loads(got.data)
-        entropy = bytes.fromhex(cfg["entropy"])
-        os.write(self.urandom, entropy)
-        fcntl.ioctl(self.urandom, RNDRESEEDCRNG)
-        random.seed(entropy)
-        if "time_ns" in cfg:
-            time.clock_settime_ns(time.CLOCK_REALTIME, int(cfg["time_ns"]))
         self.generation = int(cfg["gen"])
         self.token = cfg.get("token", "")
+        marks.append(("gen", time.monotonic()))
+        session = int(cfg.get("chan", 0))
+        if session and session != self.session:
+            self.reset_session(session)
+            marks.append(("chan", time.monotonic()))
+        entropy = bytes.fromhex(cfg["entropy"])
+        os.write(self.urandom, entropy)
+        fcntl.ioctl(self.urandom, RNDRESEEDCRNG)  # (the agent itself draws on os.urandom only)
+        marks.append(("entropy", time.monotonic()))
+        if "time_ns" in cfg:
+            time.clock_settime_ns(time.CLOCK_REALTIME, int(cfg["time_ns"]))
+            marks.append(("clock", time.monotonic()))
         net = cfg.get("net")
         if net:
             try:
-                path = self.apply_on_resume(net)
+                path = self.apply_on_resume(net, marks)
                 self.ack(net, mailbox=mbx.SYSTEM_MAILBOX, ip=net["ipv4"], path=path)
+                marks.append(("ack", time.monotonic()))
             except Exception as exc:  # no ack: the host falls back to ReconfigureNetwork
                 log(f"network handoff failed: {exc!r}")
         acks = cfg.get("acks", {})
@@ -816,7 +1167,10 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
             delivery = mb.take()
             if delivery is not None:
                 self.deliver(mb, delivery, acks.get(mb.name), net)
-        self.emit(event="ready", gen=self.generation, resume_ms=f"{(time.monotonic() - t0) * 1e3:.2f}")
+        marks.append(("mailboxes", time.monotonic()))
+        stages = ",".join(f"{name}:{(t - t0) * 1e3:.2f}" for name, t in marks)
+        self.emit(event="ready", gen=self.generation, resume_ms=f"{(time.monotonic() - t0) * 1e3:.2f}",
+                  stages=stages)
         log(f"resumed as fork generation {self.generation}")  # after the signal: off the hot path
 
     def deliver(self, mb: GuestMailbox, delivery: mbx.Delivery, ack: str | None, net: dict | None) -> None:
@@ -840,6 +1194,8 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
 
     # --- network ---------------------------------------------------------------
 
+    # --- network ---------------------------------------------------------------
+
     def warm_network(self) -> None:
         """Run the apply path once at boot so every lazy import and cache inside
         pyroute2 is already in the snapshot; forks then only pay TCG translation."""
@@ -856,7 +1212,7 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
         self.fast = FastNetlink(self.eth)
         self.fast_ok = True  # a fresh fork's eth0: down, no address, no neighbours
 
-    def apply_on_resume(self, net: dict) -> str:
+    def apply_on_resume(self, net: dict, marks: list) -> str:
         """The guest-initiated handoff; returns which path applied it. A resume
         that brings the config already applied (a pre-warmed pool fork's second
         resume, vm.deliver()) changes nothing and only acks."""
@@ -867,12 +1223,13 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
             try:
                 with self.net_lock:
                     self.fast.apply(net["mac"], net["ipv4"], int(net["prefix"]), net.get("gateway"),
-                                    net.get("gateway_mac"))
+                                    net.get("gateway_mac"), marks)
                     self.applied = _net_identity(net)
                 return "fast"
             except OSError as exc:
                 log(f"fast netlink apply failed ({exc}); using pyroute2")
         self.apply_network(net)
+        marks.append(("pyroute2", time.monotonic()))
         return "pyroute2"
 
     def apply_network(self, net: dict) -> None:
@@ -902,220 +1259,150 @@ class Agent(GuestFiles, GuestProcesses, pb_grpc.AgentServicer):
         datagram = mbx.format_ack(stage="applied", gen=self.generation, token=self.token, **fields)
         self.udp.sendto(datagram, (net["ack_host"], int(net["ack_port"])))
 
-    # --- gRPC ---------------------------------------------------------------
+    # --- the service's methods --------------------------------------------------
 
-    def Health(self, request, context):  # noqa: N802 (gRPC names)
-        return pb.HealthResponse(
-            healthy=True,
-            generation=self.generation,
-            agent_version=AGENT_VERSION,
-            uptime_s=time.monotonic() - START,
-            kernel_release=self.kernel,
-        )
+    def rpc_Health(self, call: Call, req) -> None:  # the schema's names
+        call.finish(pb.HealthResponse(healthy=True, generation=self.generation, agent_version=AGENT_VERSION,
+                                      uptime_s=time.monotonic() - START, kernel_release=self.kernel))
 
-    def Describe(self, request, context):  # noqa: N802
+    def rpc_Describe(self, call: Call, req) -> None:
         boxes = [self.system, *self.user.values()]
-        return pb.DescribeResponse(
+        call.finish(pb.DescribeResponse(
             nonce=self.nonce,
             mailboxes=[pb.MailboxInfo(name=b.name, guest_phys_addr=b.phys, size=b.size) for b in boxes],
-            agent_version=AGENT_VERSION,
-            kernel_release=self.kernel,
-            generation=self.generation,
-        )
+            agent_version=AGENT_VERSION, kernel_release=self.kernel, generation=self.generation,
+        ))
 
-    def ReadMailbox(self, request, context):  # noqa: N802
-        mb = self.user.get(request.name)
+    def rpc_ReadMailbox(self, call: Call, req) -> None:
+        mb = self.user.get(req.name)
         if mb is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no mailbox named {request.name!r}")
-        return pb.ReadMailboxResponse(payload=mb.payload, generation=mb.generation)
+            raise CallError("NOT_FOUND", f"no mailbox named {req.name!r}")
+        call.finish(pb.ReadMailboxResponse(payload=mb.payload, generation=mb.generation))
 
-    def ReconfigureNetwork(self, request, context):  # noqa: N802
-        t0 = time.monotonic()
-        net = {"mac": request.mac, "ipv4": request.ipv4, "prefix": request.prefix,
-               "gateway": request.gateway}
-        self.apply_network(net)
-        return pb.ReconfigureNetworkResponse(apply_ms=(time.monotonic() - t0) * 1e3)
+    def rpc_ReconfigureNetwork(self, call: Call, req) -> None:
+        """The host's fallback when the handoff's ack did not come: pyroute2, on a thread."""
+        net = {"mac": req.mac, "ipv4": req.ipv4, "prefix": req.prefix, "gateway": req.gateway}
 
-    def Exec(self, request, context):  # noqa: N802
-        """Run a program; stdout and stderr are each kept up to the request's
-        ``output_limit`` (default 8 MiB): the rest is read and dropped (so the
-        program never blocks on a full pipe), counted, and marked at the end."""
-        import selectors
+        def apply() -> None:
+            t0 = time.monotonic()
+            try:
+                self.apply_network(net)
+            except Exception as exc:
+                call.fail(CallError("FAILED_PRECONDITION", f"network apply failed: {exc!r}"))
+                return
+            call.finish(pb.ReconfigureNetworkResponse(apply_ms=(time.monotonic() - t0) * 1e3))
 
-        t0 = time.monotonic()
-        argv = list(request.argv)
-        if not argv:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "argv is empty")
-        limit = request.output_limit or EXEC_OUTPUT_LIMIT
+        threading.Thread(target=apply, name="reconfigure", daemon=True).start()
+
+    def rpc_Exec(self, call: ExecCall, req) -> None:
+        call.start(req)
+
+    def rpc_PutFile(self, call: PutFileCall, req) -> None:
+        call.start(req)
+
+    def rpc_PutTree(self, call: PutTreeCall, req) -> None:
+        call.start(req)
+
+    def rpc_Shell(self, call: ShellCall, req) -> None:
+        call.start(req)
+
+    def rpc_GetFile(self, call: Call, req) -> None:
+        path = _absolute(req.path)
         try:
-            # No input: /dev/null (EOF at once, like a closed pipe) and no feeder thread,
-            # one thread fewer to create on the first exec of a fork.
-            proc = _popen(argv, request, stdin=bool(request.stdin))
-        except OSError as exc:
-            msg = f"vmfork-agent: cannot execute {argv[0]!r}: {exc.strerror}\n".encode()
-            code = 127 if isinstance(exc, FileNotFoundError) else 126
-            return pb.ExecResponse(exit_code=code, stderr=msg, duration_ms=(time.monotonic() - t0) * 1e3)
-        spawn_ms = (time.monotonic() - t0) * 1e3
-
-        def feed(data: bytes) -> None:  # like communicate(): stdin from a thread, EPIPE ignored
+            fd = os.open(path, os.O_RDONLY)
             try:
-                proc.stdin.write(data)
-            except (BrokenPipeError, OSError):
-                pass
-            finally:
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
-
-        if request.stdin:
-            threading.Thread(target=feed, args=(request.stdin,), daemon=True).start()
-        kept = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-        for fd in kept:  # fewer, larger reads (and wake-ups) for a chatty program
-            try:
-                fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
             except OSError:
-                pass
-        dropped = dict.fromkeys(kept, 0)
-        sel = selectors.DefaultSelector()
-        for fd in kept:
-            sel.register(fd, selectors.EVENT_READ)
-        deadline = t0 + request.timeout_s if request.timeout_s else None
-        timed_out = False
-        null = os.open("/dev/null", os.O_WRONLY)
-        while sel.get_map():
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            events = sel.select(wait)
-            if not events:
-                if timed_out:  # killed, yet a detached child still holds the pipes
-                    break
-                timed_out = True
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                deadline = time.monotonic() + 5
-                continue
-            for key, _ in events:
-                room = limit - len(kept[key.fd])
-                if room > 0:
-                    chunk = os.read(key.fd, 1 << 20)
-                    got = len(chunk)
-                    kept[key.fd] += chunk[:room]
-                    dropped[key.fd] += max(got - room, 0)
-                else:  # past the cap: drop in the kernel, without copying
-                    got = os.splice(key.fd, null, 1 << 30)
-                    dropped[key.fd] += got
-                if not got:
-                    sel.unregister(key.fd)
-        sel.close()
-        os.close(null)
-        proc.stdout.close()
-        proc.stderr.close()
-        proc.wait()
-        (out_fd, out), (err_fd, err) = kept.items()  # stdout first: the order registered
-        for fd, buf in ((out_fd, out), (err_fd, err)):
-            if dropped[fd]:
-                what = "stdout" if fd == out_fd else "stderr"
-                buf += (f"\n[vmfork: {what} truncated at {limit} bytes (output_limit); "
-                        f"{dropped[fd]} more bytes dropped]\n").encode()
-        return pb.ExecResponse(
-            exit_code=proc.returncode,
-            stdout=bytes(out),
-            stderr=bytes(err),
-            timed_out=timed_out,
-            duration_ms=(time.monotonic() - t0) * 1e3,
-            stdout_dropped=dropped[out_fd],
-            stderr_dropped=dropped[err_fd],
-            spawn_ms=spawn_ms,
-        )
+                os.close(fd)
+                raise
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        threading.Thread(target=send_file, args=(call, fd, path, st), name="get-file", daemon=True).start()
 
-
-    def Shell(self, request_iterator, context):  # noqa: N802
-        """A program on a PTY: keystrokes in, terminal output out (vmfork shell)."""
-        first = next(request_iterator, None)
-        if first is None:
-            return
-        argv = list(first.argv) or (["/bin/bash", "-l"] if os.path.exists("/bin/bash") else ["/bin/sh", "-l"])
-        pid, master = pty.fork()  # the child: a new session with the PTY as its controlling tty
-        if pid == 0:
-            try:
-                env = dict(CHILD_ENV, TERM=first.term or "xterm", HOME="/root")
-                os.chdir("/root")
-                os.execvpe(argv[0], argv, env)
-            finally:
-                os._exit(127)
-
-        def resize(rows, cols):
-            if rows and cols:
-                fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", min(rows, 10000), min(cols, 10000), 0, 0))
-
-        def pump_in():
-            try:
-                resize(first.rows, first.cols)
-                for msg in request_iterator:
-                    resize(msg.rows, msg.cols)
-                    data = msg.data[:SHELL_CHUNK]
-                    while data:
-                        data = data[os.write(master, data):]
-            except Exception:  # the client went away or the program ended
-                pass
-            with contextlib.suppress(ProcessLookupError):  # the host hung up: like a closed terminal
-                os.kill(pid, signal.SIGHUP)  # (a zombie ignores it; a reaped pid is gone)
-
-        threading.Thread(target=pump_in, name="shell-in", daemon=True).start()
-        status = None
+    def rpc_GetTree(self, call: Call, req) -> None:
+        root = _absolute(req.guest_dir)
         try:
-            while True:
-                ready, _, _ = select.select([master], [], [], 0.2)
-                if ready:
-                    try:
-                        data = os.read(master, SHELL_CHUNK)
-                    except OSError:  # EIO: every slave fd closed
-                        data = b""
-                    if data:
-                        yield pb.ShellOutput(data=data)
-                        continue
-                done, st = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    status = st
+            if not os.path.isdir(root):
+                os.stat(root)  # ENOENT if missing
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), root)
+        except OSError as exc:
+            raise os_error(exc, root) from None
+        threading.Thread(target=send_tree, args=(call, root), name="get-tree", daemon=True).start()
+
+    def rpc_Spawn(self, call: Call, req) -> None:
+        argv = list(req.argv)
+        if not argv:
+            raise invalid("argv is empty")
+        limit = min(req.output_limit or OUTPUT_LIMIT, MAX_OUTPUT_LIMIT)
+        try:
+            p = GuestProcess(self, argv, req, limit)
+        except OSError as exc:
+            raise os_error(exc, exc.filename if isinstance(exc.filename, str) else argv[0]) from None
+        self.procs[p.pid] = p
+        if len(self.procs) > MAX_PROCESSES:
+            for pid in [pid for pid, q in self.procs.items() if q.returncode is not None]:
+                del self.procs[pid]
+                if len(self.procs) <= MAX_PROCESSES:
                     break
-                if ready:  # EOF but the program lives on (it closed its tty): wait for it
-                    _, status = os.waitpid(pid, 0)
-                    break
-        finally:
-            if status is None:  # the stream was cancelled
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGHUP)
-                _, status = os.waitpid(pid, 0)
-            os.close(master)
-        yield pb.ShellOutput(exited=True, exit_code=os.waitstatus_to_exitcode(status))
+        call.finish(pb.SpawnResponse(pid=p.pid))
+
+    def _process(self, pid: int) -> GuestProcess:
+        p = self.procs.get(pid)
+        if p is None:
+            raise CallError("NOT_FOUND", f"no spawned process with pid {pid}")
+        return p
+
+    def rpc_ReadProcess(self, call: Call, req) -> None:
+        self._process(req.pid).read(call, req)
+
+    def rpc_SignalProcess(self, call: Call, req) -> None:
+        p = self._process(req.pid)
+        if p.prog.returncode is not None:  # reaped (only the loop reaps): the pid may be another's now
+            call.finish(pb.SignalProcessResponse(delivered=False))
+            return
+        try:
+            (os.killpg if req.group else os.kill)(req.pid, req.signal)
+        except ProcessLookupError:
+            call.finish(pb.SignalProcessResponse(delivered=False))
+            return
+        except OSError as exc:
+            raise os_error(exc, f"pid {req.pid}") from None
+        call.finish(pb.SignalProcessResponse(delivered=True))
 
 
 def _atomic_write(path: str, data: bytes) -> None:
+    """Write beside ``path`` and rename over it; plain system calls, no io objects
+    (on the resume path every code path not yet run costs TCG translation)."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
     os.rename(tmp, path)
+
+
+def _net_identity(net: dict) -> tuple:
+    return (net["mac"], net["ipv4"], int(net["prefix"]), net.get("gateway") or None, net.get("gateway_mac"))
+
+
+def _mac_bytes(mac: str) -> bytes:
+    raw = bytes.fromhex(mac.replace(":", ""))
+    if len(raw) != 6:
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return raw
 
 
 def main() -> None:
     os.makedirs(RUN_DIR, exist_ok=True)
-    try:
-        os.unlink(GRPC_SOCK)
-    except FileNotFoundError:
-        pass
+    os.chdir("/")
+    os.environ["PATH"] = CHILD_ENV["PATH"]  # posix_spawnp searches the agent's own PATH
     agent = Agent()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))  # long polls and transfers hold threads
-    pb_grpc.add_AgentServicer_to_server(agent, server)
-    server.add_insecure_port("unix:" + GRPC_SOCK)
-    server.start()
-    agent.bridge.replenish()  # the first session's connection, accepted before the host asks
-    threading.Thread(target=agent.bridge.run, name="bridge", daemon=True).start()
-    threading.Thread(target=agent.resume_loop, name="resume", daemon=True).start()
     log(f"ready: version {AGENT_VERSION}, kernel {agent.kernel}, mailboxes {sorted(agent.user)}")
     agent.emit(event="ready", gen=0, boot_ms=f"{(time.monotonic() - START) * 1e3:.0f}")
-    server.wait_for_termination()
+    agent.run()
 
 
 if __name__ == "__main__":

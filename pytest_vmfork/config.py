@@ -165,7 +165,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("vmfork_build_mode", "how mmdebstrap builds the guest root: auto (root as root, else unshare with "
            "/etc/subuid entries, else fakechroot), root, unshare or fakechroot",
            _build_mode, lambda: "auto", env="VMFORK_BUILD_MODE"),
-    Option("vmfork_handoff_timeout", "seconds to wait for the guest's network ack before the gRPC fallback",
+    Option("vmfork_handoff_timeout", "seconds to wait for the guest's network ack before the control channel fallback",
            _seconds("vmfork_handoff_timeout", 60), lambda: 2.0),
     Option("vmfork_qemu_user", "the unprivileged user QEMU runs as when pytest runs as root (default vmfork-qemu, "
            "created when needed; an existing user's name; root keeps uid 0). Ignored when not root",

@@ -49,7 +49,7 @@ class RestoreError(VMForkError):
 
 
 class HandoffError(RestoreError):
-    """Neither the guest-initiated handoff nor the gRPC fallback configured the network."""
+    """Neither the guest-initiated handoff nor the control channel fallback configured the network."""
 
 
 class AckTimeout(RestoreError):

@@ -1,10 +1,10 @@
 """Files in and out of a running fork, over the agent's control channel.
 
-Content travels as gRPC streams of at most :data:`CHUNK` bytes per message
+Content travels as streams of messages of at most :data:`CHUNK` bytes
 (client-streaming for puts, server-streaming for gets, trees as a stream of
-entries), so a 100 MiB file needs no 100 MiB message, memory stays bounded on
-the sending side, and HTTP/2 flow control interleaves a transfer with every
-other RPC on the channel (an exec during a big put still answers).
+entries; docs/protocol.md), so a 100 MiB file needs no 100 MiB message, memory
+stays bounded on both sides, and other calls' frames pass between a transfer's
+chunks (an exec during a big put still answers).
 
 What ``data`` means in :func:`put`: ``bytes`` (or bytearray/memoryview) and
 ``str`` (UTF-8) are the file's *content*; an ``os.PathLike`` (``pathlib.Path``)
@@ -27,12 +27,13 @@ import stat
 from pathlib import Path
 from typing import IO, Iterator, NoReturn, Union
 
+from . import channel as ch
 from .agent import AgentClient
 from .errors import ConfigError, GuestError, GuestFileError
 from .proto import agent_pb2 as pb
 from .tree import TreeWriter
 
-CHUNK = 1 << 20  # guest/agent.py CHUNK: one gRPC message of content
+CHUNK = ch.CHUNK  # file content per message, both ways
 DEFAULT_TIMEOUT = 300.0  # seconds per transfer (a whole put/get/tree)
 MAX_GET_BYTES = 1 << 30  # get() returns the file in memory
 MAX_TREE_BYTES = 16 << 30

@@ -18,6 +18,7 @@ The restore sequence (every step bounded; the guest signals readiness):
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import secrets
@@ -205,26 +206,17 @@ class VM:
     def _time_first_exec(self, t0: float, result: ExecResult) -> None:
         """``first_exec_ms`` and its stages: what a test waits for beyond the fork.
 
-        ``session_wait_ms``: the part spent waiting for the control channel's
-        HTTP/2 session (the gRPC client connecting through the ctl proxy until
-        the guest's server answered; ``session_ms`` is that session's whole
-        set-up); ``rpc_ms``: the request's and reply's way through the proxy,
-        QEMU, the guest's bridge and both gRPC stacks; ``spawn_ms`` and
-        ``run_ms``: the guest agent's own (start the program; run and reap it)."""
-        assert self._qemu is not None
+        ``rpc_ms``: the request's and reply's way through the control channel
+        (host client, QEMU's virtio-serial, the guest agent's loop); ``spawn_ms``
+        and ``run_ms``: the guest agent's own (start the program; run and reap it)."""
         total = _ms(t0)
         guest = max(result.duration_ms, 0.0)
-        opened, up = self._qemu.session_opened, self._qemu.session_up
-        waited = round(max(up - t0, 0.0) * 1000, 2) if up is not None else 0.0
         self.timings["first_exec_ms"] = total
         self.timings["first_exec"] = {
-            "session_wait_ms": min(waited, total),
-            "rpc_ms": round(max(total - waited - guest, 0.0), 2),
+            "rpc_ms": round(max(total - guest, 0.0), 2),
             "spawn_ms": round(result.spawn_ms, 2),
             "run_ms": round(max(guest - result.spawn_ms, 0.0), 2),
         }
-        if opened is not None and up is not None and not self.timings.get("prewarmed"):
-            self.timings["session_ms"] = round((up - opened) * 1000, 2)  # (a pre-warmed fork's is the pool's)
 
     def _running_agent(self, operation: str) -> AgentClient:
         if self.state != "running":
@@ -553,10 +545,8 @@ class VM:
             raise RestoreError(
                 f"fork {self.name}: guest agent failed to resume: {fields}", console_tail=qemu.console_tail()
             )
-        self.timings["guest_resume_ms"] = float(fields.get("resume_ms", "nan"))
-        self.timings["guest_ready_ms"] = _ms(t0)
-        if self._agent is None:  # after the ready signal: a session opened during the resume
-            self._agent = AgentClient(qemu.ctl_path)  # competes with it for the vCPU (measured: slower)
+        self._time_resume(fields, t0, t_cont)
+        self._agent = qemu.agent
         if net is not None:
             self._handoff(net, handoff_timeout, t_cont)
         for name, timeout in acks.items():
@@ -572,11 +562,35 @@ class VM:
         self.timings["restore_to_healthy_ms"] = _ms(t0)
         self.state = "running"
 
+    def _time_resume(self, fields: dict[str, str], t0: float, t_cont: float) -> None:
+        """The guest's own view of its resume (the ready event): ``guest_resume_ms``
+        from the doorbell to the ready line, ``guest_stages`` each stage's end in ms
+        since the doorbell (gen, chan, entropy, clock, net.link, net.addr, net.route,
+        net.neigh or pyroute2, ack, mailboxes), and ``guest_wake_ms``: from ``cont``
+        to the doorbell seen (kernel resume, VMGenID, the agent woken), the rest."""
+        ready_ms = _ms(t0)
+        self.timings["guest_ready_ms"] = ready_ms
+        try:
+            resume = float(fields.get("resume_ms", "nan"))
+        except ValueError:
+            resume = float("nan")
+        self.timings["guest_resume_ms"] = resume
+        stages: dict[str, float] = {}
+        for item in fields.get("stages", "").split(",")[:32]:  # untrusted: bounded, numbers only
+            name, _, value = item.partition(":")
+            try:
+                stages[name[:32]] = float(value)
+            except ValueError:
+                continue
+        self.timings["guest_stages"] = stages
+        if not math.isnan(resume):
+            self.timings["guest_wake_ms"] = round(max((time.monotonic() - t_cont) * 1000 - resume, 0.0), 2)
+
     def _ack_sender(self, net: dict[str, Any] | None) -> str:
         return "127.0.0.1" if self._network == "user" else str(net["ipv4"] if net else "")
 
     def _handoff(self, net: dict[str, Any], timeout: float, t_cont: float) -> None:
-        """Confirm the guest applied its network: its UDP ack, else the gRPC fallback."""
+        """Confirm the guest applied its network: its UDP ack, else the control channel's fallback."""
         assert self._acks is not None and self._agent is not None and self._qemu is not None
         expect = {"stage": "applied", "mailbox": mbx.SYSTEM_MAILBOX, "gen": self.generation, "token": self.token}
         got = self._acks.wait(expect, self._ack_sender(net), timeout)
@@ -585,7 +599,7 @@ class VM:
             self.timings["guest_apply"] = got.get("path", "?")  # fast (pre-built netlink) or pyroute2
             self.timings["handoff_ms"] = _ms(t_cont)
             return
-        self.timings["handoff_path"] = "grpc-fallback"
+        self.timings["handoff_path"] = "ctl-fallback"
         config = pb.NetworkConfig(
             interface=net["interface"], mac=net["mac"], ipv4=net["ipv4"], prefix=int(net["prefix"]),
             gateway=net["gateway"], ack_port=int(net["ack_port"]), generation=self.generation,
@@ -600,10 +614,13 @@ class VM:
         self.timings["handoff_ms"] = _ms(t_cont)
 
     def _system_payload(self, net: dict[str, Any] | None, acks: dict[str, float]) -> bytes:
-        """The built-in mailbox: generation, ack token, fresh entropy, the clock, the network."""
+        """The built-in mailbox: generation, ack token, the control channel's session
+        (docs/protocol.md), fresh entropy, the clock, the network."""
+        assert self._qemu is not None
         return mbx.encode_payload(
             {
                 "gen": self.generation,
+                "chan": self._qemu.agent.session,
                 "token": self.token,
                 "entropy": secrets.token_hex(32),
                 "time_ns": time.time_ns(),

@@ -3,8 +3,8 @@
 ``guest/`` in the source tree is the package ``pytest_vmfork.guest`` (pyproject.toml
 maps it), so a wheel, an sdist and an editable checkout all ship exactly one copy of
 the agent and the init scripts. The guest also runs host modules, shared byte for
-byte: the mailbox codec, the tree writer and the generated gRPC code. These files,
-and nothing else of the package, shape the image key.
+byte: the mailbox codec, the channel's framing, the tree writer and the generated
+protobuf code. These files, and nothing else of the package, shape the image key.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .errors import ImageBuildError
 
 GUEST_PACKAGE = "pytest_vmfork.guest"
 #: Modules of pytest_vmfork that the guest imports, relative to the package.
-SHARED_MODULES = ("mailbox.py", "tree.py", "proto/agent_pb2.py", "proto/agent_pb2_grpc.py")
+SHARED_MODULES = ("mailbox.py", "channel.py", "tree.py", "proto/agent_pb2.py")
 #: Guest files the image builder needs; a package without them is broken.
 REQUIRED = ("agent.py", "inittab", "rc.sh", "initramfs-init.sh", "vmfork-ack", "fetch-kernel.sh")
 

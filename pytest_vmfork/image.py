@@ -2,7 +2,7 @@
 
 The root is a real Debian bookworm system built by mmdebstrap (pytest_vmfork.rootfs),
 with the template's packages installed by dpkg, plus the host venv's exact
-grpcio/protobuf/pyroute2 wheels (one generated gRPC module works on both sides) and
+protobuf/pyroute2 wheels (one generated protobuf module works on both sides) and
 the agent, found through the installed package (pytest_vmfork.guestfiles). Everything
 is cached under ``cache_dir/images/<key>/`` with a manifest whose paths are relative
 to that directory, so a cache copied elsewhere still hits. The key covers exactly what
@@ -41,9 +41,9 @@ from .errors import ConfigError, ImageBuildError
 #: bytes are deliberately not hashed, so comment edits do not force rebuilds).
 RECIPE_VERSION = 5  # 5: the kernel's module tree (modtree) attached to every image
 
-#: Guest Python distributions, pinned to the host venv's versions. typing_extensions is
-#: a runtime import of grpcio (grpc/_server.py), so the guest needs it as well.
-GUEST_DISTRIBUTIONS = ("grpcio", "protobuf", "pyroute2", "typing_extensions")
+#: Guest Python distributions, pinned to the host venv's versions (no grpcio: the
+#: agent's channel is plain framed protobuf, docs/protocol.md).
+GUEST_DISTRIBUTIONS = ("protobuf", "pyroute2")
 
 IMAGE_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img", "rootfs": "rootfs.img"}
 PVH_KERNEL = "vmlinux"  # uncompressed ELF kernel, built when it can be extracted (see kernel.extract_vmlinux)

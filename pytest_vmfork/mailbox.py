@@ -7,7 +7,8 @@ per-fork data in memory the instant it resumes, with no host-to-guest RPC.
 
 The image build copies this very file into the guest (``/opt/vmfork/
 pytest_vmfork/mailbox.py``); there is no second copy of the layout to drift.
-It therefore imports nothing but the standard library.
+It therefore imports nothing but the standard library. docs/protocol.md
+describes this layout beside the control channel's framing (channel.py).
 
 Layout (little-endian; ``size`` is a multiple of the 4 KiB page)::
 

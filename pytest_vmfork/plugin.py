@@ -362,8 +362,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             write(f"warm pool: {error}")
         paths = stats["handoff_paths"]
         if paths:
-            fallback = paths.get("grpc-fallback", 0)
-            write(f"network handoff: {paths.get('ack', 0)} by guest ack, {fallback} by gRPC fallback"
+            fallback = paths.get("ctl-fallback", 0)
+            write(f"network handoff: {paths.get('ack', 0)} by guest ack, {fallback} by the control channel's fallback"
                   + ("  <-- the guest's UDP ack did not arrive in time; see vm.timings" if fallback else ""))
         boot = [s["boot_s"] for s in snapshots if s["boot_s"]]
         if boot:

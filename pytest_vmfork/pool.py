@@ -15,14 +15,20 @@ class WarmPool:
     """A few forks restored ahead of time and pre-warmed, waiting for a request.
 
     Under TCG a fresh QEMU translates every guest code path anew, so a fork's
-    first resume and first command cost far more than any later one (a first
-    exec ~460 ms, a pre-warmed fork's ~80 ms: make bench). The pool's forks pay that before any
-    request: spawned, device state loaded, resumed once with no payloads, one
+    first resume and first command cost far more than any later one (on the
+    lean channel a first exec ~200 ms, a later one ~40 ms: make bench). The
+    pool's forks pay that before any request: spawned, device state loaded,
+    resumed once with no payloads, one
     command run (:meth:`VM._prewarm`). A request stops one, patches its
     payloads, entropy, clock and generation in and resumes it (its network
     handoff too), like ``vm.deliver()``. Bounded (``size``), refilled by a
     background thread, closed like any VM (pooled QEMUs carry PR_SET_PDEATHSIG).
     An empty pool means a cold fork, never a wait.
+
+    It pays even when the suite is CPU-bound: a translation the pre-warm does is
+    one the test would do, so the pool moves work off the test's path rather
+    than adding any (120 tests x 4 commands, ``-n 2``, two cores: 2.12 tests/s
+    with the pool, 1.58 without, tests/bench/suite_ab.py).
     """
 
     def __init__(self, snapshot: Snapshot, run: Run, network: Network, size: int = 1, *,

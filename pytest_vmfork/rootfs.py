@@ -33,7 +33,7 @@ from .errors import ConfigError, ImageBuildError
 
 #: What every guest gets on top of minbase (which already has coreutils, findutils,
 #: grep, sed, tar, util-linux, gzip, hostname): the agent's interpreter, the tools
-#: people expect, busybox for init and the initramfs, libstdc++ for the grpcio wheel.
+#: people expect, busybox for init and the initramfs, libstdc++ for the protobuf wheel (upb).
 BASE_PACKAGES = ("python3", "iproute2", "procps", "busybox-static", "libstdc++6", "kmod")
 #: Trees no test needs; kept out by dpkg itself (documentation, translations).
 PATH_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",

@@ -33,7 +33,6 @@ from . import cache
 from . import image as image_mod
 from . import mailbox as mbx
 from . import private
-from .agent import AgentClient
 from .errors import BuildError, ConfigError, VMForkError
 from .run import Run
 from .confine import Handoff
@@ -334,7 +333,6 @@ class SnapshotStore:
             raise
         self.progress(f"vmfork: booting template {name} ({template.memory_mib} MiB, {self.accel})")
         qemu = QemuProcess.start(argv, workdir, name, handoff=handoff)
-        agent: AgentClient | None = None
         try:
             t_boot = time.monotonic()
             ready = qemu.expect_event(lambda f: f.get("event") == "ready")
@@ -347,7 +345,7 @@ class SnapshotStore:
                 ) from exc
             boot_s = time.monotonic() - t_boot
             self.progress(f"vmfork: template agent ready after {boot_s:.1f}s")
-            agent = AgentClient(qemu.ctl_path)
+            agent = qemu.agent
             agent.health(timeout=30)
             if template.modules:  # loaded in the snapshot: forks pay nothing for them
                 self.progress(f"vmfork: loading kernel modules {' '.join(template.modules)}")
@@ -381,8 +379,6 @@ class SnapshotStore:
                 raise
             raise BuildError(f"template {name}: {exc}", console_tail=qemu.console_tail()) from exc
         finally:
-            if agent is not None:
-                agent.close()
             qemu.quit()  # the template must never run again
             shutil.rmtree(workdir, ignore_errors=True)
         state = staging / "state.bin"

@@ -24,7 +24,7 @@ _TE = pb.TreeEntry
 
 class TreeWriter:
     """Writes entries under ``root``. ``fail(why)`` raises the receiving side's error
-    for a malformed stream (a gRPC abort in the guest, a GuestError on the host);
+    for a malformed stream (an INVALID_ARGUMENT error in the guest, a GuestError on the host);
     OSError from the filesystem propagates with its errno and path."""
 
     def __init__(self, root: str, *, fail: Callable[[str], NoReturn], max_bytes: int | None = None,

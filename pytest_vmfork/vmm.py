@@ -13,10 +13,10 @@ are inherited descriptors. Started by root, it runs as an unprivileged user.
 
 Because QEMU's ctl connection exists before the device state is loaded, the
 guest never sees the virtio-serial port's host side close or open across a
-restore. The gRPC client connects to ``ctl.sock``, a small proxy here that
-frames its bytes with a random session id onto QEMU's connection; the guest
-agent opens a fresh HTTP/2 session for every new id, so no session crosses a
-restore or a client reconnect.
+restore. Our end of it is the control channel's client (pytest_vmfork/agent.py,
+framing in docs/protocol.md); its random session id, announced to the guest on
+every resume, keeps a fork from taking anything its snapshot had in flight for
+a frame of its own.
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ import functools
 import hashlib
 import os
 import re
-import secrets
 import shutil
 import signal
-import struct
 import subprocess
 import time
 import uuid
@@ -42,6 +40,7 @@ from typing import Any, Callable
 from qemu.qmp import QMPClient
 
 from . import _loop
+from .agent import AgentClient
 from .confine import Handoff
 from .errors import ConfigError, RestoreError
 from .leases import process_start_time
@@ -50,7 +49,6 @@ QEMU_BINARY = "qemu-system-x86_64"
 PORT_CTL = "org.vmfork.ctl"
 PORT_EVT = "org.vmfork.evt"
 DOORBELL = b"R"
-FRAME = struct.Struct("<II")  # ctl channel framing: session id, length (0 ends the session)
 CONSOLE_TAIL_LINES = 40
 #: QEMU's seccomp filter, on for every QEMU (template and forks): no obsolete
 #: system calls, no set*uid/gid, no fork/exec (device state goes through file
@@ -62,7 +60,6 @@ MAX_EVENT_LINE = 4096
 EVENT_RATE_PER_S = 200.0
 EVENT_BURST = 400
 EVENT_LINES_KEPT = 64
-MAX_CTL_FRAME = 1 << 20  # one control-channel frame from the guest (the agent's are 64 KiB)
 #: RLIMIT_FSIZE of a fork's QEMU: the largest file it may write, i.e. its console
 #: log (the guest decides what goes there) and its stderr. Beyond it writes fail:
 #: the serial output is dropped (console_tail says so), or, if the write came from
@@ -235,8 +232,7 @@ class QemuProcess:
     start_time: int
     evt_reader: asyncio.StreamReader
     evt_writer: asyncio.StreamWriter
-    ctl_reader: asyncio.StreamReader
-    ctl_writer: asyncio.StreamWriter
+    agent: AgentClient  # the control channel
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=EVENT_LINES_KEPT))
     fault: str | None = None  # why the guest's event channel was cut off
     file_limit: int | None = None  # RLIMIT_FSIZE: the console log's bound
@@ -245,23 +241,11 @@ class QemuProcess:
         default_factory=list
     )
     _pump: asyncio.Task[None] | None = None
-    _tasks: list[asyncio.Future[None]] = field(default_factory=list)
-    _client: asyncio.StreamWriter | None = None
-    _sid: int = 0
-    #: the current control session: when its client connected, and when the guest's
-    #: first bytes for it (the gRPC server's HTTP/2 SETTINGS) came back (monotonic)
-    session_opened: float | None = None
-    session_up: float | None = None
-    _servers: list[asyncio.AbstractServer] = field(default_factory=list)
     killed: bool = False
 
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-    @property
-    def ctl_path(self) -> Path:
-        return self.workdir / "ctl.sock"
 
     @property
     def console_path(self) -> Path:
@@ -328,7 +312,6 @@ class QemuProcess:
                     f"did not answer on its QMP monitor within {timeout:.0f}s")
                 raise RestoreError(f"QEMU for {name} {why}; its stderr:\n{_tail(workdir / 'qemu.stderr')}")
             reader, writer = await asyncio.open_unix_connection(sock=handoff.sockets.pop("evt"))
-            ctl_reader, ctl_writer = await asyncio.open_unix_connection(sock=handoff.sockets.pop("ctl"))
         except BaseException:
             _kill(proc)
             await qmp.disconnect()
@@ -341,69 +324,15 @@ class QemuProcess:
             start_time=process_start_time(proc.pid),
             evt_reader=reader,
             evt_writer=writer,
-            ctl_reader=ctl_reader,
-            ctl_writer=ctl_writer,
+            agent=None,  # type: ignore[arg-type]  # set below: it reports faults to this object
             file_limit=file_limit,
             uid=handoff.user.uid,
         )
         self._pump = asyncio.ensure_future(self._pump_lines())
-        self._tasks.append(asyncio.ensure_future(self._pump_ctl()))
-        self._servers.append(await asyncio.start_unix_server(self._on_grpc, path=str(workdir / "ctl.sock")))
+        ctl = handoff.sockets.pop("ctl")
+        ctl.setblocking(True)
+        self.agent = AgentClient(ctl, name, on_fault=self._cut_off)
         return self
-
-    async def _on_grpc(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        """Carry one gRPC client connection as a framed session over QEMU's ctl
-        connection. A new client replaces the old one; the guest agent opens a
-        fresh HTTP/2 session for every new session id (guest/agent.py Bridge)."""
-        if self._client is not None:
-            self._client.close()
-        sid = secrets.randbits(32) | 1
-        self._client, self._sid = w, sid
-        self.session_opened, self.session_up = time.monotonic(), None
-        try:
-            while data := await r.read(65536):
-                if self.ctl_writer.is_closing():  # QEMU is gone: the client sees EOF
-                    break
-                self.ctl_writer.write(FRAME.pack(sid, len(data)) + data)
-                await self.ctl_writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            if self._sid == sid:
-                self._client = None
-                if not self.ctl_writer.is_closing():
-                    try:
-                        self.ctl_writer.write(FRAME.pack(sid, 0))
-                    except (ConnectionError, OSError, RuntimeError):
-                        pass
-            w.close()
-
-    async def _pump_ctl(self) -> None:
-        try:
-            while True:
-                sid, length = FRAME.unpack(await self.ctl_reader.readexactly(FRAME.size))
-                if length > MAX_CTL_FRAME:  # the agent sends at most 64 KiB at a time
-                    self._cut_off(f"the guest sent a control-channel frame of {length} bytes "
-                                  f"(more than {MAX_CTL_FRAME})")
-                    break
-                data = await self.ctl_reader.readexactly(length) if length else b""
-                client = self._client
-                if client is None or sid != self._sid:
-                    continue  # a session that ended: drop its late bytes
-                if data:
-                    if self.session_up is None:
-                        self.session_up = time.monotonic()
-                    client.write(data)
-                    try:  # back-pressure: the guest waits for a slow client, we buffer nothing more
-                        await client.drain()
-                    except ConnectionError:
-                        pass
-                else:
-                    client.close()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self.ctl_writer.close()  # QEMU is gone: no more writes towards it
-            if self._client is not None:
-                self._client.close()
 
     async def _pump_lines(self) -> None:
         """Dispatch ``vmfork-evt k=v ...`` lines from the guest to waiters.
@@ -564,7 +493,7 @@ class QemuProcess:
         """False once QEMU exited. A QEMU whose channels closed is exiting: it is given
         a moment to finish (its descriptors close one by one; a TAP's teardown waits
         for the network stack), so a dead QEMU is not reported as a live one."""
-        if self.proc.poll() is None and (self.ctl_reader.at_eof() or self.evt_reader.at_eof()):
+        if self.proc.poll() is None and (self.agent.closed or self.evt_reader.at_eof()):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(EXIT_GRACE_S)
         return self.proc.poll() is None
@@ -588,16 +517,12 @@ class QemuProcess:
         self.killed = True
         _kill(self.proc)
 
+        self.agent.close()
+
         async def close() -> None:
-            for server in self._servers:
-                server.close()
             self.evt_writer.close()
-            self.ctl_writer.close()
-            if self._client is not None:
-                self._client.close()
-            for task in [self._pump, *self._tasks]:
-                if task is not None:
-                    task.cancel()
+            if self._pump is not None:
+                self._pump.cancel()
             try:
                 await asyncio.wait_for(self.qmp.disconnect(), 2)
             except Exception:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpytest_vmfork/proto/agent.proto\x12\x0fvmfork.agent.v1\"\x0f\n\rHealthRequest\"v\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\x12\x16\n\x0ekernel_release\x18\x05 \x01(\t\"\xc0\x01\n\x0b\x45xecRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x32\n\x03\x65nv\x18\x02 \x03(\x0b\x32%.vmfork.agent.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\r\n\x05stdin\x18\x04 \x01(\x0c\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x14\n\x0coutput_limit\x18\x06 \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xab\x01\n\x0c\x45xecResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x12\x16\n\x0estdout_dropped\x18\x06 \x01(\x04\x12\x16\n\x0estderr_dropped\x18\x07 \x01(\x04\x12\x10\n\x08spawn_ms\x18\x08 \x01(\x01\"\x11\n\x0f\x44\x65scribeRequest\"B\n\x0bMailboxInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fguest_phys_addr\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\"\x95\x01\n\x10\x44\x65scribeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12/\n\tmailboxes\x18\x02 \x03(\x0b\x32\x1c.vmfork.agent.v1.MailboxInfo\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x16\n\x0ekernel_release\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"\x84\x01\n\rNetworkConfig\x12\x11\n\tinterface\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0c\n\x04ipv4\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\r\x12\x0f\n\x07gateway\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63k_port\x18\x06 \x01(\r\x12\x12\n\ngeneration\x18\x07 \x01(\x04\".\n\x1aReconfigureNetworkResponse\x12\x10\n\x08\x61pply_ms\x18\x01 \x01(\x01\"\"\n\x12ReadMailboxRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x13ReadMailboxResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"=\n\rPutFileHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x10\n\x08set_mode\x18\x03 \x01(\x08\"Y\n\x0ePutFileRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.vmfork.agent.v1.PutFileHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x05\n\x03msg\"-\n\x0bPutResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\"\x1e\n\x0eGetFileRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"5\n\tFileChunk\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xbc\x01\n\tTreeEntry\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.vmfork.agent.v1.TreeEntry.Kind\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"F\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03\x44IR\x10\x01\x12\x08\n\x04\x46ILE\x10\x02\x12\x08\n\x04\x44\x41TA\x10\x03\x12\x0b\n\x07SYMLINK\x10\x04\"Y\n\x0ePutTreeRequest\x12\x13\n\tguest_dir\x18\x01 \x01(\tH\x00\x12+\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x1a.vmfork.agent.v1.TreeEntryH\x00\x42\x05\n\x03msg\"#\n\x0eGetTreeRequest\x12\x11\n\tguest_dir\x18\x01 \x01(\t\"\xc2\x01\n\x0cSpawnRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x33\n\x03\x65nv\x18\x02 \x03(\x0b\x32&.vmfork.agent.v1.SpawnRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\r\n\x05stdin\x18\x04 \x01(\x0c\x12\x11\n\thas_stdin\x18\x05 \x01(\x08\x12\x14\n\x0coutput_limit\x18\x06 \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1c\n\rSpawnResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"r\n\x12ReadProcessRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x15\n\rstdout_offset\x18\x02 \x01(\x04\x12\x15\n\rstderr_offset\x18\x03 \x01(\x04\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\x12\x11\n\tmax_bytes\x18\x05 \x01(\x04\"\xaa\x01\n\x0cProcessState\x12\x0e\n\x06\x65xited\x18\x01 \x01(\x08\x12\x12\n\nreturncode\x18\x02 \x01(\x05\x12\x0e\n\x06stdout\x18\x03 \x01(\x0c\x12\x14\n\x0cstdout_start\x18\x04 \x01(\x04\x12\x14\n\x0cstdout_total\x18\x05 \x01(\x04\x12\x0e\n\x06stderr\x18\x06 \x01(\x0c\x12\x14\n\x0cstderr_start\x18\x07 \x01(\x04\x12\x14\n\x0cstderr_total\x18\x08 \x01(\x04\"B\n\x14SignalProcessRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\r\n\x05group\x18\x03 \x01(\x08\"*\n\x15SignalProcessResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\"R\n\nShellInput\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04term\x18\x05 \x01(\t\">\n\x0bShellOutput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x65xited\x18\x02 \x01(\x08\x12\x11\n\texit_code\x18\x03 \x01(\x05\x32\x94\x08\n\x05\x41gent\x12I\n\x06Health\x12\x1e.vmfork.agent.v1.HealthRequest\x1a\x1f.vmfork.agent.v1.HealthResponse\x12\x43\n\x04\x45xec\x12\x1c.vmfork.agent.v1.ExecRequest\x1a\x1d.vmfork.agent.v1.ExecResponse\x12O\n\x08\x44\x65scribe\x12 .vmfork.agent.v1.DescribeRequest\x1a!.vmfork.agent.v1.DescribeResponse\x12\x61\n\x12ReconfigureNetwork\x12\x1e.vmfork.agent.v1.NetworkConfig\x1a+.vmfork.agent.v1.ReconfigureNetworkResponse\x12X\n\x0bReadMailbox\x12#.vmfork.agent.v1.ReadMailboxRequest\x1a$.vmfork.agent.v1.ReadMailboxResponse\x12J\n\x07PutFile\x12\x1f.vmfork.agent.v1.PutFileRequest\x1a\x1c.vmfork.agent.v1.PutResponse(\x01\x12H\n\x07GetFile\x12\x1f.vmfork.agent.v1.GetFileRequest\x1a\x1a.vmfork.agent.v1.FileChunk0\x01\x12J\n\x07PutTree\x12\x1f.vmfork.agent.v1.PutTreeRequest\x1a\x1c.vmfork.agent.v1.PutResponse(\x01\x12H\n\x07GetTree\x12\x1f.vmfork.agent.v1.GetTreeRequest\x1a\x1a.vmfork.agent.v1.TreeEntry0\x01\x12\x46\n\x05Spawn\x12\x1d.vmfork.agent.v1.SpawnRequest\x1a\x1e.vmfork.agent.v1.SpawnResponse\x12Q\n\x0bReadProcess\x12#.vmfork.agent.v1.ReadProcessRequest\x1a\x1d.vmfork.agent.v1.ProcessState\x12^\n\rSignalProcess\x12%.vmfork.agent.v1.SignalProcessRequest\x1a&.vmfork.agent.v1.SignalProcessResponse\x12\x46\n\x05Shell\x12\x1b.vmfork.agent.v1.ShellInput\x1a\x1c.vmfork.agent.v1.ShellOutput(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpytest_vmfork/proto/agent.proto\x12\x0fvmfork.agent.v1\"\x0f\n\rHealthRequest\"v\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\x12\x16\n\x0ekernel_release\x18\x05 \x01(\t\"\xc0\x01\n\x0b\x45xecRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x32\n\x03\x65nv\x18\x02 \x03(\x0b\x32%.vmfork.agent.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\r\n\x05stdin\x18\x04 \x01(\x0c\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x14\n\x0coutput_limit\x18\x06 \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xab\x01\n\x0c\x45xecResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x12\x16\n\x0estdout_dropped\x18\x06 \x01(\x04\x12\x16\n\x0estderr_dropped\x18\x07 \x01(\x04\x12\x10\n\x08spawn_ms\x18\x08 \x01(\x01\"\x11\n\x0f\x44\x65scribeRequest\"B\n\x0bMailboxInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fguest_phys_addr\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\"\x95\x01\n\x10\x44\x65scribeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12/\n\tmailboxes\x18\x02 \x03(\x0b\x32\x1c.vmfork.agent.v1.MailboxInfo\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x16\n\x0ekernel_release\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"\x84\x01\n\rNetworkConfig\x12\x11\n\tinterface\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0c\n\x04ipv4\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\r\x12\x0f\n\x07gateway\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63k_port\x18\x06 \x01(\r\x12\x12\n\ngeneration\x18\x07 \x01(\x04\".\n\x1aReconfigureNetworkResponse\x12\x10\n\x08\x61pply_ms\x18\x01 \x01(\x01\"\"\n\x12ReadMailboxRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x13ReadMailboxResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"C\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x65rrno\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\"=\n\rPutFileHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x10\n\x08set_mode\x18\x03 \x01(\x08\"Y\n\x0ePutFileRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.vmfork.agent.v1.PutFileHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x05\n\x03msg\"-\n\x0bPutResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\"\x1e\n\x0eGetFileRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"5\n\tFileChunk\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xbc\x01\n\tTreeEntry\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.vmfork.agent.v1.TreeEntry.Kind\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"F\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03\x44IR\x10\x01\x12\x08\n\x04\x46ILE\x10\x02\x12\x08\n\x04\x44\x41TA\x10\x03\x12\x0b\n\x07SYMLINK\x10\x04\"Y\n\x0ePutTreeRequest\x12\x13\n\tguest_dir\x18\x01 \x01(\tH\x00\x12+\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x1a.vmfork.agent.v1.TreeEntryH\x00\x42\x05\n\x03msg\"#\n\x0eGetTreeRequest\x12\x11\n\tguest_dir\x18\x01 \x01(\t\"\xc2\x01\n\x0cSpawnRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x33\n\x03\x65nv\x18\x02 \x03(\x0b\x32&.vmfork.agent.v1.SpawnRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\r\n\x05stdin\x18\x04 \x01(\x0c\x12\x11\n\thas_stdin\x18\x05 \x01(\x08\x12\x14\n\x0coutput_limit\x18\x06 \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1c\n\rSpawnResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"r\n\x12ReadProcessRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x15\n\rstdout_offset\x18\x02 \x01(\x04\x12\x15\n\rstderr_offset\x18\x03 \x01(\x04\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\x12\x11\n\tmax_bytes\x18\x05 \x01(\x04\"\xaa\x01\n\x0cProcessState\x12\x0e\n\x06\x65xited\x18\x01 \x01(\x08\x12\x12\n\nreturncode\x18\x02 \x01(\x05\x12\x0e\n\x06stdout\x18\x03 \x01(\x0c\x12\x14\n\x0cstdout_start\x18\x04 \x01(\x04\x12\x14\n\x0cstdout_total\x18\x05 \x01(\x04\x12\x0e\n\x06stderr\x18\x06 \x01(\x0c\x12\x14\n\x0cstderr_start\x18\x07 \x01(\x04\x12\x14\n\x0cstderr_total\x18\x08 \x01(\x04\"B\n\x14SignalProcessRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\r\n\x05group\x18\x03 \x01(\x08\"*\n\x15SignalProcessResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\"R\n\nShellInput\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04term\x18\x05 \x01(\t\">\n\x0bShellOutput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x65xited\x18\x02 \x01(\x08\x12\x11\n\texit_code\x18\x03 \x01(\x05\x32\x94\x08\n\x05\x41gent\x12I\n\x06Health\x12\x1e.vmfork.agent.v1.HealthRequest\x1a\x1f.vmfork.agent.v1.HealthResponse\x12\x43\n\x04\x45xec\x12\x1c.vmfork.agent.v1.ExecRequest\x1a\x1d.vmfork.agent.v1.ExecResponse\x12O\n\x08\x44\x65scribe\x12 .vmfork.agent.v1.DescribeRequest\x1a!.vmfork.agent.v1.DescribeResponse\x12\x61\n\x12ReconfigureNetwork\x12\x1e.vmfork.agent.v1.NetworkConfig\x1a+.vmfork.agent.v1.ReconfigureNetworkResponse\x12X\n\x0bReadMailbox\x12#.vmfork.agent.v1.ReadMailboxRequest\x1a$.vmfork.agent.v1.ReadMailboxResponse\x12J\n\x07PutFile\x12\x1f.vmfork.agent.v1.PutFileRequest\x1a\x1c.vmfork.agent.v1.PutResponse(\x01\x12H\n\x07GetFile\x12\x1f.vmfork.agent.v1.GetFileRequest\x1a\x1a.vmfork.agent.v1.FileChunk0\x01\x12J\n\x07PutTree\x12\x1f.vmfork.agent.v1.PutTreeRequest\x1a\x1c.vmfork.agent.v1.PutResponse(\x01\x12H\n\x07GetTree\x12\x1f.vmfork.agent.v1.GetTreeRequest\x1a\x1a.vmfork.agent.v1.TreeEntry0\x01\x12\x46\n\x05Spawn\x12\x1d.vmfork.agent.v1.SpawnRequest\x1a\x1e.vmfork.agent.v1.SpawnResponse\x12Q\n\x0bReadProcess\x12#.vmfork.agent.v1.ReadProcessRequest\x1a\x1d.vmfork.agent.v1.ProcessState\x12^\n\rSignalProcess\x12%.vmfork.agent.v1.SignalProcessRequest\x1a&.vmfork.agent.v1.SignalProcessResponse\x12\x46\n\x05Shell\x12\x1b.vmfork.agent.v1.ShellInput\x1a\x1c.vmfork.agent.v1.ShellOutput(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,42 +59,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READMAILBOXREQUEST']._serialized_end=1014
   _globals['_READMAILBOXRESPONSE']._serialized_start=1016
   _globals['_READMAILBOXRESPONSE']._serialized_end=1074
-  _globals['_PUTFILEHEADER']._serialized_start=1076
-  _globals['_PUTFILEHEADER']._serialized_end=1137
-  _globals['_PUTFILEREQUEST']._serialized_start=1139
-  _globals['_PUTFILEREQUEST']._serialized_end=1228
-  _globals['_PUTRESPONSE']._serialized_start=1230
-  _globals['_PUTRESPONSE']._serialized_end=1275
-  _globals['_GETFILEREQUEST']._serialized_start=1277
-  _globals['_GETFILEREQUEST']._serialized_end=1307
-  _globals['_FILECHUNK']._serialized_start=1309
-  _globals['_FILECHUNK']._serialized_end=1362
-  _globals['_TREEENTRY']._serialized_start=1365
-  _globals['_TREEENTRY']._serialized_end=1553
-  _globals['_TREEENTRY_KIND']._serialized_start=1483
-  _globals['_TREEENTRY_KIND']._serialized_end=1553
-  _globals['_PUTTREEREQUEST']._serialized_start=1555
-  _globals['_PUTTREEREQUEST']._serialized_end=1644
-  _globals['_GETTREEREQUEST']._serialized_start=1646
-  _globals['_GETTREEREQUEST']._serialized_end=1681
-  _globals['_SPAWNREQUEST']._serialized_start=1684
-  _globals['_SPAWNREQUEST']._serialized_end=1878
+  _globals['_ERROR']._serialized_start=1076
+  _globals['_ERROR']._serialized_end=1143
+  _globals['_PUTFILEHEADER']._serialized_start=1145
+  _globals['_PUTFILEHEADER']._serialized_end=1206
+  _globals['_PUTFILEREQUEST']._serialized_start=1208
+  _globals['_PUTFILEREQUEST']._serialized_end=1297
+  _globals['_PUTRESPONSE']._serialized_start=1299
+  _globals['_PUTRESPONSE']._serialized_end=1344
+  _globals['_GETFILEREQUEST']._serialized_start=1346
+  _globals['_GETFILEREQUEST']._serialized_end=1376
+  _globals['_FILECHUNK']._serialized_start=1378
+  _globals['_FILECHUNK']._serialized_end=1431
+  _globals['_TREEENTRY']._serialized_start=1434
+  _globals['_TREEENTRY']._serialized_end=1622
+  _globals['_TREEENTRY_KIND']._serialized_start=1552
+  _globals['_TREEENTRY_KIND']._serialized_end=1622
+  _globals['_PUTTREEREQUEST']._serialized_start=1624
+  _globals['_PUTTREEREQUEST']._serialized_end=1713
+  _globals['_GETTREEREQUEST']._serialized_start=1715
+  _globals['_GETTREEREQUEST']._serialized_end=1750
+  _globals['_SPAWNREQUEST']._serialized_start=1753
+  _globals['_SPAWNREQUEST']._serialized_end=1947
   _globals['_SPAWNREQUEST_ENVENTRY']._serialized_start=340
   _globals['_SPAWNREQUEST_ENVENTRY']._serialized_end=382
-  _globals['_SPAWNRESPONSE']._serialized_start=1880
-  _globals['_SPAWNRESPONSE']._serialized_end=1908
-  _globals['_READPROCESSREQUEST']._serialized_start=1910
-  _globals['_READPROCESSREQUEST']._serialized_end=2024
-  _globals['_PROCESSSTATE']._serialized_start=2027
-  _globals['_PROCESSSTATE']._serialized_end=2197
-  _globals['_SIGNALPROCESSREQUEST']._serialized_start=2199
-  _globals['_SIGNALPROCESSREQUEST']._serialized_end=2265
-  _globals['_SIGNALPROCESSRESPONSE']._serialized_start=2267
-  _globals['_SIGNALPROCESSRESPONSE']._serialized_end=2309
-  _globals['_SHELLINPUT']._serialized_start=2311
-  _globals['_SHELLINPUT']._serialized_end=2393
-  _globals['_SHELLOUTPUT']._serialized_start=2395
-  _globals['_SHELLOUTPUT']._serialized_end=2457
-  _globals['_AGENT']._serialized_start=2460
-  _globals['_AGENT']._serialized_end=3504
+  _globals['_SPAWNRESPONSE']._serialized_start=1949
+  _globals['_SPAWNRESPONSE']._serialized_end=1977
+  _globals['_READPROCESSREQUEST']._serialized_start=1979
+  _globals['_READPROCESSREQUEST']._serialized_end=2093
+  _globals['_PROCESSSTATE']._serialized_start=2096
+  _globals['_PROCESSSTATE']._serialized_end=2266
+  _globals['_SIGNALPROCESSREQUEST']._serialized_start=2268
+  _globals['_SIGNALPROCESSREQUEST']._serialized_end=2334
+  _globals['_SIGNALPROCESSRESPONSE']._serialized_start=2336
+  _globals['_SIGNALPROCESSRESPONSE']._serialized_end=2378
+  _globals['_SHELLINPUT']._serialized_start=2380
+  _globals['_SHELLINPUT']._serialized_end=2462
+  _globals['_SHELLOUTPUT']._serialized_start=2464
+  _globals['_SHELLOUTPUT']._serialized_end=2526
+  _globals['_AGENT']._serialized_start=2529
+  _globals['_AGENT']._serialized_end=3573
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,7 @@ from pytest_vmfork.network import RunNetwork
 
 from pytest_vmfork.plugin import SESSION_KEY
 
-from . import forkmem
+from . import forkmem, small_test_cpu, suite_ab
 from .conftest import env_int
 
 ROUNDS = env_int("VMFORK_BENCH_ROUNDS", 20)
@@ -161,7 +161,7 @@ def bench_restore(
             if mail is not None:
                 assert vm.read_mailbox(MAILBOX) == mail[MAILBOX], "the payload did not arrive"
             if isinstance(network, RunNetwork):
-                assert vm.timings.get("handoff_path") in ("ack", "grpc-fallback"), vm.timings
+                assert vm.timings.get("handoff_path") in ("ack", "ctl-fallback"), vm.timings
         finally:
             vm.close()
 
@@ -205,6 +205,12 @@ def test_restore_to_healthy_tap_and_mailbox(
         f"restore (tap + mailbox): p50 {s['p50']:.0f} ms  p95 {s['p95']:.0f} ms  max {s['max']:.0f} ms"
         f"  [handoff {st.get('handoff_ms', float('nan')):.0f} ms median;"
         f" paths {info['labels'].get('handoff_path')}]"
+    )
+    guest = {k.removeprefix("guest_stages."): v for k, v in st.items() if k.startswith("guest_stages.")}
+    bench_say(
+        f"restore (tap + mailbox), the guest's resume: woken {st.get('guest_wake_ms', float('nan')):.0f} ms after"
+        f" cont, then (ms since the doorbell, medians) "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(guest.items(), key=lambda kv: kv[1]))
     )
 
 
@@ -257,8 +263,8 @@ def say_first_result(bench_say: Any, name: str, info: dict[str, Any]) -> None:
     f, r, e, st = info["fork_first_exec"], info["restore_to_healthy"], info["first_exec"], info["stages_median_ms"]
     bench_say(
         f"fork + first exec, {name}: p50 {f['p50']:.0f} ms  p95 {f['p95']:.0f} ms"
-        f"  (restore-to-healthy p50 {r['p50']:.0f}, first exec p50 {e['p50']:.0f}: session wait "
-        f"{st.get('first_exec.session_wait_ms', 0):.0f} + rpc {st.get('first_exec.rpc_ms', 0):.0f} + spawn "
+        f"  (restore-to-healthy p50 {r['p50']:.0f}, first exec p50 {e['p50']:.0f}: "
+        f"rpc {st.get('first_exec.rpc_ms', 0):.0f} + spawn "
         f"{st.get('first_exec.spawn_ms', 0):.0f} + run {st.get('first_exec.run_ms', 0):.0f} ms;"
         f" {info['prewarmed']}/{info['rounds']} pre-warmed)"
     )
@@ -396,6 +402,89 @@ def test_translated_blocks_per_stage(
         f"+{cold['second_exec']} second exec; pre-warmed pool fork: {warm['ready']} (pre-warm and request), "
         f"+{warm['first_exec']} first exec, +{warm['second_exec']} second"
     )
+
+
+# --- 2c: what a small test costs, and a suite of them --------------------------------
+
+
+def summary_s(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"n": len(values), "min": round(ordered[0], 3), "p50": round(statistics.median(values), 3),
+            "p95": round(percentile(values, 0.95), 3), "max": round(ordered[-1], 3)}
+
+
+def test_cpu_per_small_test(
+    benchmark: Any,
+    vmfork_snapshot: Snapshot,
+    bench_run: Run,
+    bench_say: Any,
+) -> None:
+    """The CPU one small test costs (fork with one payload + 4 commands + close,
+    library, no network): the fork's QEMU (utime + stime from /proc/<pid>/stat just
+    before close) plus this process's own. Under TCG the QEMU part is the guest code
+    the test runs for the first time (tests/bench/small_test_cpu.py)."""
+    rows: list[tuple[float, float, float]] = []
+    counter = iter(range(1_000_000))
+
+    def target() -> None:
+        rows.append(small_test_cpu.small_test(vmfork_snapshot, bench_run, next(counter)))
+
+    benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    measured = rows[WARMUP_ROUNDS:]
+    info = {"kind": "cpu_per_small_test", "commands": len(small_test_cpu.COMMANDS), "rounds": len(measured),
+            "qemu_cpu_s": summary_s([r[0] for r in measured]), "host_cpu_s": summary_s([r[1] for r in measured]),
+            "cpu_s": summary_s([r[0] + r[1] for r in measured]), "wall_s": summary_s([r[2] for r in measured]),
+            "host_after": host_state()}
+    benchmark.extra_info.update(info)
+    q, h, c = info["qemu_cpu_s"], info["host_cpu_s"], info["cpu_s"]
+    bench_say(f"CPU per small test (fork + 4 commands + close): p50 {c['p50']:.3f} s"
+              f" (QEMU {q['p50']:.3f} s, host Python {h['p50']:.3f} s)")
+
+
+def test_steady_exec_against_the_guest_shell(
+    benchmark: Any,
+    vmfork_snapshot: Snapshot,
+    bench_run: Run,
+    bench_say: Any,
+) -> None:
+    """A running fork's ``exec(["true"])`` against the guest shell's own spawn of
+    /bin/true: what the control channel adds to a command once all is translated."""
+    with fork(vmfork_snapshot, run=bench_run) as vm:
+        figures = benchmark.pedantic(small_test_cpu.steady_exec, args=(vm,), rounds=1)
+    info = {"kind": "steady_exec", **figures,
+            "ratio": round(figures["exec_true_p50_ms"] / max(figures["shell_spawn_true_ms"], 1e-3), 2)}
+    benchmark.extra_info.update(info)
+    bench_say(f"steady exec(['true']): p50 {info['exec_true_p50_ms']:.1f} ms, the guest shell's spawn of"
+              f" /bin/true {info['shell_spawn_true_ms']:.1f} ms ({info['ratio']:.2f}x)")
+
+
+SUITE_TESTS = env_int("VMFORK_BENCH_SUITE_TESTS", 120)
+
+
+@pytest.mark.parametrize("pool", [0, 1])
+def test_suite_of_small_tests(
+    benchmark: Any,
+    pool: int,
+    bench_settings: Any,
+    bench_say: Any,
+) -> None:
+    """A user's suite: SUITE_TESTS tests of 4 commands and one payload each, run by
+    pytest with ``-n 2`` and the warm pool off and on (tests/bench/suite_ab.py)."""
+    with tempfile.TemporaryDirectory(prefix="vmfork-suite-") as tmp:
+        project = Path(tmp)
+        (project / "conftest.py").write_text(suite_ab.CONFTEST)
+        (project / "test_small.py").write_text(suite_ab.TESTS.format(n=SUITE_TESTS))
+        (project / "pytest.ini").write_text("[pytest]\n")
+        cache = str(bench_settings.cache_dir)
+        suite_ab.run_suite(project, cache, 0, 1, "test_small.py::test_small[0]")  # the snapshot: untimed
+        wall, code, out = benchmark.pedantic(suite_ab.run_suite, args=(project, cache, pool, 2, str(project)),
+                                             rounds=1)
+    assert code == 0, out
+    info = {"kind": "suite", "tests": SUITE_TESTS, "commands": 4, "workers": 2, "pool": pool,
+            "wall_s": round(wall, 1), "tests_per_s": round(SUITE_TESTS / wall, 2), "host_after": host_state()}
+    benchmark.extra_info.update(info)
+    bench_say(f"suite of {SUITE_TESTS} small tests, -n 2, pool {'on' if pool else 'off'}: {wall:.1f} s,"
+              f" {info['tests_per_s']:.2f} tests/s")
 
 
 # --- 3: cold boot of the same template ------------------------------------------

@@ -7,6 +7,7 @@ listens on an ephemeral port and bounds every wait.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -134,3 +135,51 @@ def test_a_snapshot_of_a_tap_fork_also_forks_without_network_and_with_user_mode(
     for network in ("none", "user"):
         with fork(app_layer, network=network) as machine:
             assert machine.exec(["cat", "/root/layer-file"]).stdout == b"prepared\n"
+
+
+def wait_in_guest(vm: VM, check: str, what: str, timeout: float = 60.0) -> None:
+    """Until the guest's ``check`` (a shell test) succeeds: a signal from the guest, bounded."""
+    deadline = time.monotonic() + timeout
+    while vm.exec(check).returncode != 0:
+        assert time.monotonic() < deadline, f"{what} did not happen in the guest within {timeout}s"
+
+
+def test_forks_answer_their_first_request_whatever_their_snapshot_had_in_flight(vm_factory):
+    """At every level of a depth-3 chain the snapshot is taken with requests in flight
+    on the control channel: an exec still running, a background process's long poll,
+    a put half sent. Every fork answers its first request; the VM that took the
+    snapshot gets every one of its own answers."""
+    machine = vm_factory()
+    payload = bytes(range(256)) * (96 << 12)  # 24 MiB: still streaming when the vCPUs stop
+    for depth in (1, 2, 3):
+        machine.exec("rm -f /tmp/gate && mkfifo /tmp/gate").check()
+        results: dict[str, object] = {}
+
+        def run(key: str, fn) -> threading.Thread:
+            t = threading.Thread(target=lambda: results.__setitem__(key, fn()), daemon=True)
+            t.start()
+            return t
+
+        sleeper = machine.spawn(["sleep", "600"])
+        threads = [
+            run("gate", lambda m=machine: m.exec(["cat", "/tmp/gate"], timeout=120)),
+            run("poll", lambda p=sleeper: p.wait(timeout=120)),
+            run("put", lambda m=machine: m.put("/root/big", payload, timeout=300)),
+        ]
+        wait_in_guest(machine, "pgrep -x cat", "the gated exec")
+        wait_in_guest(machine, "ls -a /root | grep -q vmfork-", "the put")
+        child = machine.snapshot(f"in-flight-{depth}")
+        machine.exec("echo go > /tmp/gate").check()
+        assert sleeper.kill()
+        for t in threads:
+            t.join(300)
+        assert results["gate"].stdout == b"go\n"  # the snapshot's own VM got its answers
+        assert results["poll"] == -9
+        assert machine.exec("wc -c < /root/big").stdout.strip() == str(len(payload)).encode()
+        fork_ = vm_factory(snapshot=child)
+        assert fork_.exec(["echo", f"first at depth {depth}"]).stdout == f"first at depth {depth}\n".encode()
+        # The fork's copy of the gated exec ends; its answer belongs to a session nobody reads.
+        fork_.exec("echo late > /tmp/gate").check()
+        assert fork_.spawn(["echo", "spawned"]).wait(timeout=60) == 0
+        assert fork_.get("/etc/hostname") == b"vmfork\n"
+        machine = fork_

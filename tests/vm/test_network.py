@@ -169,7 +169,7 @@ def parse_reply(reply: bytes) -> tuple[str, str, bytes]:
 
 
 def test_fork_answers_udp_and_tcp_echo_at_its_own_address_directly(vm):
-    assert vm.timings["handoff_path"] in ("ack", "grpc-fallback") and vm.timings["handoff_ms"] > 0
+    assert vm.timings["handoff_path"] in ("ack", "ctl-fallback") and vm.timings["handoff_ms"] > 0
     _, gateway = bridge_of(vm)
     start_echo(vm, vm.name)
     tag, peer, data = parse_reply(udp_echo(vm.ip, b"udp-ping"))
@@ -260,7 +260,7 @@ def test_tap_disappears_when_the_qemu_process_dies_without_close(vm_factory):
     assert not same_link_exists(tap, index), f"TAP {tap} survived its SIGKILLed QEMU (a persistent TAP?)"
 
 
-# --- a private run network: the gRPC fallback -----------------------------------------
+# --- a private run network: the control channel fallback ------------------------------
 
 
 @pytest.fixture
@@ -284,7 +284,7 @@ def set_bridge_mac(bridge: str, mac: str) -> None:
         ipr.link("set", index=ipr.link_lookup(ifname=bridge)[0], address=mac)
 
 
-def test_a_lost_ack_takes_the_grpc_fallback_and_the_fork_still_works(vmfork_snapshot, private_net):
+def test_a_lost_ack_takes_the_control_channel_fallback_and_the_fork_still_works(vmfork_snapshot, private_net):
     net, run = private_net
     # The handoff tells the guest the bridge's MAC (no ARP): while the bridge has
     # another one, the guest's UDP ack goes to a MAC nobody has and is lost.
@@ -294,7 +294,7 @@ def test_a_lost_ack_takes_the_grpc_fallback_and_the_fork_still_works(vmfork_snap
     finally:
         set_bridge_mac(net.bridge, net.gateway_mac)
     with machine:
-        assert machine.timings["handoff_path"] == "grpc-fallback"
+        assert machine.timings["handoff_path"] == "ctl-fallback"
         assert machine.timings["handoff_ms"] >= 500  # it waited the whole handoff timeout first
         mac, addrs = guest_eth0(machine)  # applied (again) by ReconfigureNetwork
         assert (mac, addrs) == (machine.mac.lower(), [f"{machine.ip}/{net.subnet.prefixlen}"])
