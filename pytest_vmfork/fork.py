@@ -180,8 +180,8 @@ class VM:
         if isinstance(input, str):
             input = input.encode()
         if input is not None and len(input) > MAX_STDIN:
-            raise ConfigError(f"exec input is {len(input)} bytes; at most {MAX_STDIN} bytes "
-                              "fit one request: copy larger data into the guest in pieces")
+            raise ConfigError(f"exec input is {len(input)} bytes; at most {MAX_STDIN} bytes fit one "
+                              "request: put larger data in a guest file with vm.put() and read it there")
         assert self._agent is not None and self._qemu is not None
         first = "first_exec_ms" not in self.timings
         try:
