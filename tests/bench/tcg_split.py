@@ -6,9 +6,10 @@ starts). Debian's QEMU 7.2 has no TCG plugins, but it has the ``translate_block`
 trace event (log backend): ``-d trace:translate_block -D FILE`` writes one line per
 block it translates, with the block's guest virtual PC, and flushes it per block
 (the count in the file matches ``info jit``'s exactly once the guest is idle). The
-other way, ``-d in_asm``, disassembles every block: ~4x the bytes (a cold fork's
-first exec fills the 8 MiB file limit of a fork, ``vmm.FORK_FILE_LIMIT``) and twice
-the first exec's time; :func:`block_pcs` reads its format too.
+other way, ``-d in_asm``, disassembles every block: measured on one cold fork, 4x
+the bytes (its first exec filled a fork's 8 MiB file limit, ``vmm.FORK_FILE_LIMIT``,
+so later blocks were lost) and twice the first exec's time; :func:`block_pcs` reads
+its format too. A cold fork's trace log to its second exec is ~3 MB.
 
 A bench records the log's size at each stage boundary (:func:`log_size`) and
 :func:`split` classes each stage's blocks: ``kernel`` at or above the x86-64
