@@ -36,6 +36,8 @@ STAGES = (
 )
 SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 CPU_COLOURS = ("#17becf", "#bcbd22", "#e377c2")
+#: The stages of the ``tcg_blocks`` series, as the bench names them.
+TCG_STAGES = ("ready", "first_exec", "second_exec")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -150,11 +152,14 @@ def report(doc: dict[str, Any]) -> str:
         out.append(table(["series", "tests", "p50 s", "p95 s", "max s"], rows))
     for b in by_kind(benches, "tcg_blocks"):
         cold, warm = b["extra_info"]["cold_fork"], b["extra_info"]["prewarmed_fork"]
+        rows = [["cold (library)", cold["ready"], cold["first_exec"], cold["second_exec"]],
+                ["pre-warmed (pool)", warm["ready"], warm["first_exec"], warm["second_exec"]]]
+        split = b["extra_info"].get("split")  # the cold fork's, by guest PC (tests/bench/tcg_split.py)
+        for side in ("kernel", "user") if split else ():
+            rows.append([f"cold, {side} code", *(split[stage][side] for stage in TCG_STAGES)])
         out += ["", "TCG translation blocks made per stage (HMP `info jit`; each is guest code run for the "
-                    "first time in that QEMU)",
-                table(["fork", "to ready", "first exec", "second exec"],
-                      [["cold (library)", cold["ready"], cold["first_exec"], cold["second_exec"]],
-                       ["pre-warmed (pool)", warm["ready"], warm["first_exec"], warm["second_exec"]]])]
+                    "first time in that QEMU; kernel / user: by the block's guest PC)",
+                table(["fork", "to ready", "first exec", "second exec"], rows)]
 
     for b in by_kind(benches, "two_runs"):
         info = b["extra_info"]

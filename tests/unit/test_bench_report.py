@@ -106,6 +106,19 @@ def test_the_table_gives_the_cpu_per_small_test_in_seconds() -> None:
     assert re.fullmatch(r"small test, 4 commands, of it QEMU\s+40\s+0\.\d\d\s+0\.\d\d\s+0\.\d\d", row), row
 
 
+def test_the_tcg_table_splits_the_cold_fork_into_kernel_and_user_blocks() -> None:
+    blocks = bench("tcg_blocks", "test_translated_blocks_per_stage",
+                   cold_fork={"ready": 10400, "first_exec": 20800, "second_exec": 2690},
+                   prewarmed_fork={"ready": 30000, "first_exec": 900, "second_exec": 40},
+                   split={"ready": {"kernel": 9000, "user": 1390}, "first_exec": {"kernel": 8000, "user": 12790},
+                          "second_exec": {"kernel": 90, "user": 2600}})
+    lines = report.report({"benchmarks": [blocks]}).splitlines()
+    assert [line.split() for line in lines if line.startswith("cold, ")] == [
+        ["cold,", "kernel", "code", "9000", "8000", "90"], ["cold,", "user", "code", "1390", "12790", "2600"]]
+    older = dict(blocks, extra_info={k: v for k, v in blocks["extra_info"].items() if k != "split"})
+    assert not any(line.startswith("cold, ") for line in report.report({"benchmarks": [older]}).splitlines())
+
+
 def test_the_command_line_writes_the_picture_next_to_the_json(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bench.json").write_text(json.dumps(doc(with_cpu=True)))
