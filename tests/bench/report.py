@@ -134,9 +134,9 @@ def report(doc: dict[str, Any]) -> str:
             work = "" if info.get("test_work_s") is None else f", tests of {info['test_work_s']:g} s"
             rows.append([f"{info['path']}{work}", info["rounds"], f["p50"], f["p95"], r["p50"], e["p50"],
                          *(float(st.get(f"first_exec.{k}", float("nan")))
-                           for k in ("session_wait_ms", "rpc_ms", "spawn_ms", "run_ms")),
+                           for k in ("rpc_ms", "spawn_ms", "run_ms")),
                          float(st.get("pool_wait_ms", float("nan"))), f"{info['prewarmed']}/{info['rounds']}"])
-        out.append(table(["path", "rounds", "p50", "p95", "restore p50", "exec p50", "session wait", "rpc",
+        out.append(table(["path", "rounds", "p50", "p95", "restore p50", "exec p50", "rpc",
                           "spawn", "run", "pool wait", "pre-warmed"], rows))
     cpus = by_kind(benches, CPU_KIND)
     if cpus:
