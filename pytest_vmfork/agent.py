@@ -168,10 +168,12 @@ class AgentClient:
         if self.closed:
             raise GuestError("the guest agent's control channel is closed (QEMU exited)")
         view = memoryview(ch.encode(kind, self.session, stream, payload, method))
+        writable = select.poll()  # poll, not select: a test process may hold more than 1024 fds
+        writable.register(self._sock, select.POLLOUT)
         with self._send_lock:
             while view:
-                wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                if not select.select([], [self._sock], [], wait)[1]:
+                wait = None if deadline is None else max(deadline - time.monotonic(), 0.0) * 1000
+                if not writable.poll(wait):
                     raise TimeoutError("the guest agent took no request bytes in time")
                 try:
                     view = view[self._sock.send(view, socket.MSG_DONTWAIT):]
