@@ -1194,8 +1194,6 @@ class Agent:
 
     # --- network ---------------------------------------------------------------
 
-    # --- network ---------------------------------------------------------------
-
     def warm_network(self) -> None:
         """Run the apply path once at boot so every lazy import and cache inside
         pyroute2 is already in the snapshot; forks then only pay TCG translation."""
