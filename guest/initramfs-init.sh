@@ -1,5 +1,5 @@
 #!/bin/sh
-# PID 1 of the vmfork initramfs (installed as /init by pytest_vmfork/image.py).
+# PID 1 of the vmfork initramfs (installed as /init by pytest_vmfork/build/image.py).
 #
 # Its only job is to reach the real root: load the few kernel modules the
 # Debian kernel ships as modules (virtio, ext4, overlay, ...), mount the

@@ -9,8 +9,7 @@ Library use, without pytest::
         print(vm.exec(["uname", "-r"]).stdout)
 """
 
-from .agent import ExecResult, ExecTimeout
-from .errors import (
+from pytest_vmfork.errors import (
     AckTimeout,
     BuildError,
     ConfigError,
@@ -23,14 +22,15 @@ from .errors import (
     StateError,
     VMForkError,
 )
-from .fork import VM, MailboxPayload, fork
-from .network import RunNetwork
-from .pool import WarmPool
-from .process import Process
-from .registry import snapshot_for
-from .run import Run
-from .snapshot import Snapshot, SnapshotStore
-from .template import Template
+from pytest_vmfork.host.run import Run
+from pytest_vmfork.net.network import RunNetwork
+from pytest_vmfork.vm.agent import ExecResult, ExecTimeout
+from pytest_vmfork.vm.fork import VM, MailboxPayload, fork
+from pytest_vmfork.vm.pool import WarmPool
+from pytest_vmfork.vm.process import Process
+from pytest_vmfork.vm.registry import snapshot_for
+from pytest_vmfork.vm.snapshot import Snapshot, SnapshotStore
+from pytest_vmfork.vm.template import Template
 
 __all__ = [
     "AckTimeout",
@@ -66,7 +66,7 @@ def __getattr__(name: str) -> object:
     """``vmfork_layer`` lives in the pytest plugin: imported on first use, so a
     script that only forks VMs does not import pytest."""
     if name == "vmfork_layer":
-        from .plugin import vmfork_layer
+        from pytest_vmfork.plugin import vmfork_layer
 
         return vmfork_layer
     raise AttributeError(f"module 'pytest_vmfork' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The control channel's framing: one codec, shared by the host and the guest agent.
 
-The host (pytest_vmfork/agent.py) and the guest agent (guest/agent.py, which gets
+The host (pytest_vmfork/vm/agent.py) and the guest agent (guest/agent.py, which gets
 this module copied into its image, like the mailbox codec) exchange protobuf
 messages of pytest_vmfork/proto/agent.proto over the ``org.vmfork.ctl``
 virtio-serial port, multiplexed by stream id. docs/protocol.md is the
@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from typing import Any, NamedTuple
 
-from .proto import agent_pb2 as pb
+from pytest_vmfork.proto import agent_pb2 as pb
 
 MAGIC = b"vFc1"
 HEADER = struct.Struct("<4sBBHIII")

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import ConfigError
+from pytest_vmfork.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .image import BuildOptions
+    from pytest_vmfork.build.image import BuildOptions
 
 ACCELS = ("auto", "tcg", "kvm")
 NETWORKS = ("auto", "tap", "user", "none")
@@ -58,20 +58,20 @@ def _network(value: Any) -> str:
 
 
 def _apt_sources(value: Any) -> str:
-    from .aptsources import parse_setting
+    from pytest_vmfork.build.aptsources import parse_setting
 
     parse_setting(str(value))  # ConfigError naming the bad item
     return str(value)
 
 
 def _cache_max_size(value: Any) -> int:
-    from .cache import parse_size
+    from pytest_vmfork.host.cache import parse_size
 
     return parse_size(value, "vmfork cache max size")  # ConfigError naming the accepted forms
 
 
 def _build_mode(value: Any) -> str:
-    from .rootfs import MODES
+    from pytest_vmfork.build.rootfs import MODES
 
     text = str(value).strip().lower()
     if text not in MODES:
@@ -80,14 +80,14 @@ def _build_mode(value: Any) -> str:
 
 
 def _pool(value: Any) -> str:
-    from .leases import parse_pool
+    from pytest_vmfork.net.leases import parse_pool
 
     parse_pool(str(value))  # ConfigError naming the problem
     return str(value)
 
 
 def _qemu_user(value: Any) -> str | None:
-    from .confine import check_setting
+    from pytest_vmfork.host.confine import check_setting
 
     return check_setting(str(value).strip())  # ConfigError naming the problem
 
@@ -193,7 +193,7 @@ class Settings:
     @property
     def build(self) -> "BuildOptions":
         """How images are built (apt sources, mmdebstrap mode)."""
-        from .image import BuildOptions
+        from pytest_vmfork.build.image import BuildOptions
 
         return BuildOptions(apt_sources=self.apt_sources, mode=self.build_mode)
 

@@ -17,7 +17,7 @@ import os
 import stat
 from typing import Any, Callable, NoReturn
 
-from .proto import agent_pb2 as pb
+from pytest_vmfork.proto import agent_pb2 as pb
 
 _TE = pb.TreeEntry
 

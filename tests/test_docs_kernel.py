@@ -13,8 +13,8 @@ import pytest
 
 from fixtures.kernels import debian_kernel_build
 from pytest_vmfork import Template
+from pytest_vmfork.build.image import build_image
 from pytest_vmfork.config import default_cache_dir
-from pytest_vmfork.image import build_image
 from tests.examples import REPO, examples_in
 from tests.test_readme import run_example
 

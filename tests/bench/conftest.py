@@ -25,7 +25,7 @@ import pytest
 
 from pytest_vmfork import Run
 from pytest_vmfork.config import Settings
-from pytest_vmfork.network import RunNetwork, has_net_admin
+from pytest_vmfork.net.network import RunNetwork, has_net_admin
 from pytest_vmfork.plugin import SESSION_KEY
 
 HERE = Path(__file__).resolve().parent

@@ -31,7 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pytest_vmfork import Run, SnapshotStore, Template, fork, vmm
+from pytest_vmfork import Run, SnapshotStore, Template, fork
+from pytest_vmfork.vm import vmm
 
 from . import forkmem
 from .fork_ab import timed_fork

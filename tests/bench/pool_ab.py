@@ -17,9 +17,9 @@ import time
 from fixtures.templates import TEST_TEMPLATE
 from pytest_vmfork import Run, SnapshotStore, fork
 from pytest_vmfork.config import Settings
-from pytest_vmfork.fork import VM
-from pytest_vmfork.network import RunNetwork
-from pytest_vmfork.pool import WarmPool
+from pytest_vmfork.net.network import RunNetwork
+from pytest_vmfork.vm.fork import VM
+from pytest_vmfork.vm.pool import WarmPool
 
 MODES = ("prewarm", "loaded", "nopool")
 PREWARM = VM._prewarm

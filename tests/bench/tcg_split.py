@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_vmfork import vmm
+from pytest_vmfork.vm import vmm
 
 #: QEMU's log items for one line per translated block (``-d``).
 LOG_ITEMS = "trace:translate_block"

@@ -27,11 +27,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import pytest
 
-from pytest_vmfork import Run, Snapshot, SnapshotStore, Template, fork, vmm
-from pytest_vmfork.layer import discard
-from pytest_vmfork.network import RunNetwork
-
+from pytest_vmfork import Run, Snapshot, SnapshotStore, Template, fork
+from pytest_vmfork.net.network import RunNetwork
 from pytest_vmfork.plugin import SESSION_KEY
+from pytest_vmfork.vm import vmm
+from pytest_vmfork.vm.layer import discard
 
 from . import forkmem, small_test_cpu, suite_ab, tcg_split
 from .conftest import env_int
@@ -402,7 +402,7 @@ def test_translated_blocks_per_stage(
     (tests/bench/tcg_split.py), checked against `info jit`'s counts."""
     if vmfork_snapshot.machine.accel != "tcg":
         pytest.skip("translation blocks exist under TCG only")
-    from pytest_vmfork.pool import WarmPool
+    from pytest_vmfork.vm.pool import WarmPool
 
     rows: list[dict[str, int]] = []
     splits: list[dict[str, dict[str, int]]] = []

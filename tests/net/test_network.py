@@ -26,10 +26,10 @@ from typing import Iterator
 import pytest
 from pyroute2 import IPRoute, NetNS, netns
 
-from pytest_vmfork import leases as lz
-from pytest_vmfork import network as nw
 from pytest_vmfork.errors import ConfigError, VMForkError
 from pytest_vmfork.mailbox import format_ack
+from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net import network as nw
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
 POOL = f"10.214.{int(_WORKER) % 16 * 16 if _WORKER.isdigit() else 0}.0/20"

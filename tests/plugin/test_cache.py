@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import cache
 from pytest_vmfork.cli import main as vmfork_main
-from pytest_vmfork.snapshot import Snapshot
+from pytest_vmfork.host import cache
+from pytest_vmfork.vm.snapshot import Snapshot
 
 from .suites import CONFTEST, finish
 
@@ -198,7 +198,7 @@ def test_the_accelerator_verdict_is_one_line_and_silent_when_cached_unless_verbo
 
 COUNTING = """
 import pytest
-from pytest_vmfork import cache
+from pytest_vmfork.host import cache
 
 calls = []
 _real = cache.record_use

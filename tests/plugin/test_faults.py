@@ -30,13 +30,14 @@ from typing import Iterator
 
 import pytest
 
-from pytest_vmfork import gc
-from pytest_vmfork import leases as lz
-from pytest_vmfork.network import has_net_admin
+from pytest_vmfork.janitor import gc
+from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net.network import has_net_admin
 
 pytestmark = pytest.mark.skipif(not has_net_admin(), reason="TAP networking needs CAP_NET_ADMIN")
 
 from .suites import CONFTEST, REPO, finish
+
 RUN_TIMEOUT = 120.0  # one inner pytest run (a snapshot rebuild included)
 MARK_TIMEOUT = 60.0  # until an inner test's VM is up
 EXIT_TIMEOUT = 30.0  # from a signal to the inner run's exit
@@ -378,7 +379,7 @@ def test_a_truncated_snapshot_is_reported_and_rebuilt_never_restored(inner, tmp_
     assert f"snapshot {vmfork_snapshot.key}: built in" in out, out[-5000:]  # not "cache hit"
     rebuilt = json.loads((snap / "manifest.json").read_text())
     assert rebuilt["created"] > damaged_at and rebuilt["run_id"] != manifest["run_id"]
-    from pytest_vmfork.snapshot import verify_files
+    from pytest_vmfork.vm.snapshot import verify_files
 
     assert verify_files(snap, rebuilt) == []
     assert not [p for p in (cache / "snapshots").iterdir() if p.name.startswith((".staging-", ".trash-"))]

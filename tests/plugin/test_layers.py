@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from pytest_vmfork.layer import discard
+from pytest_vmfork.cli.shell import set_window_size
 from pytest_vmfork.plugin import SESSION_KEY
-from pytest_vmfork.shell import set_window_size
+from pytest_vmfork.vm.layer import discard
 
 from .suites import CONFTEST
 from .test_plugin import qemu_processes_under

@@ -28,10 +28,11 @@ from typing import Iterator
 import pytest
 from pyroute2 import IPRoute
 
-from pytest_vmfork import leases as lz
-from pytest_vmfork import network as nw
+from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net import network as nw
 
 from .suites import CONFTEST, finish
+
 RUN_TIMEOUT = 180  # seconds for one inner pytest run
 #: Hypothesis' terminal-summary hook imports all of hypothesis in every xdist worker
 #: *after* the worker reported "finished": seconds under load, which makes the

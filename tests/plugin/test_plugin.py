@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork.kept import list_kept
-from pytest_vmfork.layer import discard
+from pytest_vmfork.vm.kept import list_kept
+from pytest_vmfork.vm.layer import discard
 
 from .suites import CONFTEST
-
 
 
 @pytest.fixture

@@ -26,10 +26,10 @@ from typing import Iterator
 import pytest
 
 from fixtures.templates import JSON_TEMPLATE, PLAIN_TEMPLATE
-from pytest_vmfork import image
-from pytest_vmfork.accel import resolve_accel
+from pytest_vmfork.build import image
 from pytest_vmfork.plugin import SESSION_KEY
-from pytest_vmfork.snapshot import SnapshotStore
+from pytest_vmfork.vm.accel import resolve_accel
+from pytest_vmfork.vm.snapshot import SnapshotStore
 from tests.examples import example_files
 
 from .suites import REPO, finish

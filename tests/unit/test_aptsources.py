@@ -1,4 +1,4 @@
-"""Unit tests for pytest_vmfork.aptsources: which Debian sources the guest is built from."""
+"""Unit tests for pytest_vmfork.build.aptsources: which Debian sources the guest is built from."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import aptsources
+from pytest_vmfork.build import aptsources
 from pytest_vmfork.errors import ConfigError
 
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from pytest_vmfork import cache
-from pytest_vmfork.accel import short_reason
 from pytest_vmfork.cli import main as vmfork_main
 from pytest_vmfork.config import Settings
 from pytest_vmfork.errors import ConfigError
+from pytest_vmfork.host import cache
+from pytest_vmfork.vm.accel import short_reason
 
 DAY = 86400.0
 ROOT, IMAGE, SNAP = "r" * 64, "i" * 64, "s" * 24
@@ -107,7 +107,7 @@ def test_a_root_is_kept_while_an_image_build_holds_its_lock(tmp_path) -> None:
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pytest_vmfork import cache
+from pytest_vmfork.host import cache
 assert cache.record_use(Path(sys.argv[1]))
 print("held", flush=True)
 sys.stdin.readline()

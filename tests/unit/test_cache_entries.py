@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import snapshot as snap_mod
 from pytest_vmfork.errors import BuildError
-from pytest_vmfork.snapshot import Snapshot, incompatibility
-from pytest_vmfork.vmm import cpu_fingerprint, machine_type, qemu_version
+from pytest_vmfork.vm import snapshot as snap_mod
+from pytest_vmfork.vm.snapshot import Snapshot, incompatibility
+from pytest_vmfork.vm.vmm import cpu_fingerprint, machine_type, qemu_version
 
 IMAGE_KEY = "ab" * 32
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import ConfigError, confine
+from pytest_vmfork import ConfigError
+from pytest_vmfork.host import confine
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,7 +67,7 @@ def throwaway_default(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 CREATE = """
 import sys
-from pytest_vmfork import confine
+from pytest_vmfork.host import confine
 confine.DEFAULT_USER = confine.RAM_GROUP = sys.argv[1]
 user = confine.resolve(None, progress=lambda m: print("MSG", m, flush=True))
 print("USER", user.uid, user.gid, user.ram_gid, flush=True)

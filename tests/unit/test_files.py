@@ -9,9 +9,9 @@ import os
 import pytest
 
 from pytest_vmfork.errors import GuestError
-from pytest_vmfork.tree import TreeWriter
-from pytest_vmfork.process import _Output, truncation_marker
 from pytest_vmfork.proto import agent_pb2 as pb
+from pytest_vmfork.tree import TreeWriter
+from pytest_vmfork.vm.process import _Output, truncation_marker
 
 TE = pb.TreeEntry
 

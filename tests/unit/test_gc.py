@@ -20,10 +20,11 @@ from typing import Iterator
 
 import pytest
 
-from pytest_vmfork import cli, doctor
-from pytest_vmfork import gc as gcmod
-from pytest_vmfork import leases as lz
-from pytest_vmfork import network as nw
+from pytest_vmfork import cli
+from pytest_vmfork.cli import doctor
+from pytest_vmfork.janitor import gc as gcmod
+from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net import network as nw
 
 POOL = lz.parse_pool("10.219.0.0/22")  # never touches the host: host_nets=[] and fake bridges
 

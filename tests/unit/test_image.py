@@ -1,4 +1,4 @@
-"""Unit tests for the pure parts of pytest_vmfork.image (no network, no apt, no QEMU)."""
+"""Unit tests for the pure parts of pytest_vmfork.build.image (no network, no apt, no QEMU)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import guestfiles, image, rootfs
-from pytest_vmfork.image import ImageSpec, compute_key
+from pytest_vmfork.build import guestfiles, image, rootfs
+from pytest_vmfork.build.image import ImageSpec, compute_key
 
 WHEELS = {"protobuf": "2.0", "pyroute2": "0.1"}
 

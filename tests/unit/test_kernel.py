@@ -1,4 +1,4 @@
-"""Unit tests for pytest_vmfork.kernel: module order, initramfs archive, ELF extraction, .deb unpacking."""
+"""Unit tests for pytest_vmfork.build.kernel: module order, initramfs archive, ELF extraction, .deb unpacking."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import kernel
+from pytest_vmfork.build import kernel
+from pytest_vmfork.build.kernel import extract_vmlinux, module_load_order, newc_archive, parse_modules_dep
 from pytest_vmfork.errors import ImageBuildError
-from pytest_vmfork.kernel import extract_vmlinux, module_load_order, newc_archive, parse_modules_dep
-
 
 # --- kernel modules ------------------------------------------------------------------
 

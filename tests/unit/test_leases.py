@@ -20,8 +20,8 @@ from filelock import FileLock
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_vmfork import leases as lz
 from pytest_vmfork.errors import ConfigError, VMForkError
+from pytest_vmfork.net import leases as lz
 
 POOL = lz.parse_pool("10.213.0.0/22")  # four /24s keeps exhaustion cheap to reach
 

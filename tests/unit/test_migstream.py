@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from pytest_vmfork import migstream as ms
+from pytest_vmfork.vm import migstream as ms
 
 PAGE = 4096
 SID = struct.pack(">I", 2)

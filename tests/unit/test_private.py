@@ -1,4 +1,4 @@
-"""Private directories and files (pytest_vmfork.private): what a run trusts."""
+"""Private directories and files (pytest_vmfork.host.private): what a run trusts."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import confine, private
-from pytest_vmfork import leases as lz
-from pytest_vmfork.run import Run
+from pytest_vmfork.host import confine, private
+from pytest_vmfork.host.run import Run
+from pytest_vmfork.net import leases as lz
 
 
 def mode(path: Path) -> int:

@@ -7,7 +7,7 @@ import tempfile
 import pytest
 
 from pytest_vmfork import ConfigError, Run, Template, snapshot_for
-from pytest_vmfork.registry import SnapshotRegistry, content_id
+from pytest_vmfork.vm.registry import SnapshotRegistry, content_id
 
 
 def test_equal_recipes_share_one_content_id_and_any_difference_splits_them():

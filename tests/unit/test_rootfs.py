@@ -1,4 +1,4 @@
-"""Unit tests for pytest_vmfork.rootfs: build modes and the mmdebstrap command line."""
+"""Unit tests for pytest_vmfork.build.rootfs: build modes and the mmdebstrap command line."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork import rootfs
-from pytest_vmfork.aptsources import AptConfig
+from pytest_vmfork.build import rootfs
+from pytest_vmfork.build.aptsources import AptConfig
 from pytest_vmfork.errors import ConfigError
 
 

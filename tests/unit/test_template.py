@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfork import ConfigError, Template
-from pytest_vmfork.image import KERNEL_CMDLINE
+from pytest_vmfork.build.image import KERNEL_CMDLINE
 from pytest_vmfork.mailbox import MAX_MAILBOXES, MAX_TEMPLATE_MAILBOXES
-from pytest_vmfork.snapshot import ram_offset
-from pytest_vmfork.template import KERNEL_COMMAND_LINE_SIZE
+from pytest_vmfork.vm.snapshot import ram_offset
+from pytest_vmfork.vm.template import KERNEL_COMMAND_LINE_SIZE
 
 
 def key(t: Template) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfork import ConfigError, Template
-from pytest_vmfork.kernel import MODULE_TREE_OPTIONS, REQUIRED_OPTIONS, inspect_kernel, parse_config
-from pytest_vmfork.modtree import ModuleTree
+from pytest_vmfork.build.kernel import MODULE_TREE_OPTIONS, REQUIRED_OPTIONS, inspect_kernel, parse_config
+from pytest_vmfork.build.modtree import ModuleTree
 
 
 def fake_bzimage(path: Path, release: str = "6.6.0-mine") -> Path:

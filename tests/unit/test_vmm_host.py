@@ -1,7 +1,7 @@
 """QEMU's host-side settings: the -accel value per accelerator (tb-size is TCG's alone)."""
 
-from pytest_vmfork import vmm
-from pytest_vmfork.vmm import accel_option
+from pytest_vmfork.vm import vmm
+from pytest_vmfork.vm.vmm import accel_option
 
 
 def test_tcg_gets_a_bounded_translation_buffer() -> None:

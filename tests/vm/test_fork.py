@@ -88,7 +88,7 @@ def test_bad_exec_arguments_are_rejected_before_reaching_the_guest(vm):
 
 def test_warm_pool_forks_skip_spawn_and_load_and_close_cleanly(vmfork_snapshot):
     from pytest_vmfork import Run
-    from pytest_vmfork.pool import WarmPool
+    from pytest_vmfork.vm.pool import WarmPool
 
     run = Run()
     pool = WarmPool(vmfork_snapshot, run, None, size=1)

@@ -16,8 +16,8 @@ import pytest
 from fixtures.kernels import NFT_TEMPLATE
 from fixtures.templates import TEST_TEMPLATE
 from pytest_vmfork import ConfigError, Template, snapshot_for
+from pytest_vmfork.build.image import build_image, cached_image
 from pytest_vmfork.config import default_cache_dir
-from pytest_vmfork.image import build_image, cached_image
 
 pytestmark = pytest.mark.vm
 

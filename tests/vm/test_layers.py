@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pytest_vmfork import VM, ConfigError, Snapshot, StateError, fork, vmfork_layer
-from pytest_vmfork.snapshot import _sha256
+from pytest_vmfork.vm.snapshot import _sha256
 
 READ_RANDOM = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
 #: Dials the host (the default gateway) and sends this fork's name.

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfork import AckTimeout, ConfigError, Run, fork
-from pytest_vmfork.fork import MailboxPayload
-from pytest_vmfork.snapshot import Snapshot
+from pytest_vmfork.vm.fork import MailboxPayload
+from pytest_vmfork.vm.snapshot import Snapshot
 
 
 def read_payload(vm, name):

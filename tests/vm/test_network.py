@@ -21,8 +21,8 @@ import pytest
 from pyroute2 import IPRoute
 
 from pytest_vmfork import Run, fork
-from pytest_vmfork import leases as lz
-from pytest_vmfork import network as nw
+from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net import network as nw
 
 ECHO_PORT = 7000
 

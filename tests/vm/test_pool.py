@@ -10,8 +10,8 @@ from typing import Iterator
 import pytest
 
 from pytest_vmfork import Run, fork
-from pytest_vmfork import network as nw
-from pytest_vmfork.pool import WarmPool
+from pytest_vmfork.net import network as nw
+from pytest_vmfork.vm.pool import WarmPool
 
 from .test_network import guest_eth0
 

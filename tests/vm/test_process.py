@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from pytest_vmfork import ConfigError, GuestFileError, ProcessTimeout, StateError, fork
-from pytest_vmfork.process import truncation_marker
+from pytest_vmfork.vm.process import truncation_marker
 
 
 def test_spawned_http_server_is_reached_over_tap_then_signalled_and_waited_for(vm):

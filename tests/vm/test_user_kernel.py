@@ -11,9 +11,9 @@ import pytest
 
 from fixtures.kernels import debian_kernel_build
 from pytest_vmfork import ConfigError, Template
+from pytest_vmfork.build.image import ImageSpec, build_image
+from pytest_vmfork.cli.doctor import check_kernel
 from pytest_vmfork.config import default_cache_dir
-from pytest_vmfork.doctor import check_kernel
-from pytest_vmfork.image import ImageSpec, build_image
 
 pytestmark = pytest.mark.vm
 
