@@ -48,7 +48,7 @@ def test_the_project_example_is_the_user_project_ci_runs_as_a_non_root_user() ->
 
 
 def test_every_option_is_in_the_readme_options_table_with_its_environment_variable() -> None:
-    from pytest_vmfork.config import OPTIONS
+    from pytest_vmfork.plugin.options import OPTIONS
 
     text = README.read_text()
     for opt in OPTIONS:

@@ -9,6 +9,12 @@
     vmfork cache [prune [--older-than 30d] [--max-size 10G] [--dry-run]] [--cache-dir D]
     vmfork gc [--dry-run] [--kept] [--orphan-links] [--lease-dir D] [--cache-dir D]
     vmfork doctor [--template pkg.module:NAME] [--cache-dir D]
+
+This package: the commands (here), ``doctor`` (what this host can run) and ``shell``
+(an interactive shell in a kept VM).
+
+May import: every library layer (``vm``, ``build``, ``net``, ``host``, the janitor) and
+the bottom layer. Never the pytest plugin, and nothing below imports this.
 """
 
 from __future__ import annotations

@@ -2,31 +2,38 @@
 
 Glue only. Building snapshots and forking VMs live in the library
 (``pytest_vmfork.vm.snapshot`` / ``pytest_vmfork.vm.fork``) and work without pytest.
+This package: the hooks and fixtures (here), the options table (``options``), the
+per-process session (``session``) and the run statistics (``stats``).
+
+May import: every library layer (``vm``, ``build``, ``net``, ``host``, the janitor) and
+the bottom layer. Never the CLI, and nothing below imports this.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import statistics
 import threading
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from pytest_vmfork.config import OPTIONS, Settings
 from pytest_vmfork.errors import ConfigError
 from pytest_vmfork.host import private
 from pytest_vmfork.host.cache import enforce_max_size
 from pytest_vmfork.host.run import Run, new_run_id
 from pytest_vmfork.janitor.gc import gc_at_session_start
+from pytest_vmfork.plugin.options import OPTIONS, resolve_settings
 from pytest_vmfork.plugin.session import ITEM_VMS, VMForkSession
+from pytest_vmfork.plugin.stats import RunStats
 from pytest_vmfork.vm.fork import VM, MailboxPayload
 from pytest_vmfork.vm.layer import check_name
 from pytest_vmfork.vm.snapshot import Snapshot
 from pytest_vmfork.vm.template import Template
 
 SESSION_KEY = pytest.StashKey[VMForkSession]()
+#: this process's run statistics (and, on an xdist controller, its workers'): the run summary
+STATS_KEY = pytest.StashKey[RunStats]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -46,7 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "deliver a JSON payload to the `vm` fork's mailbox before it resumes (repeatable)",
     )
     try:
-        settings = Settings.resolve(config.getoption, config.getini)
+        settings = resolve_settings(config.getoption, config.getini)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from exc
     workerinput = getattr(config, "workerinput", None)
@@ -65,7 +72,8 @@ def pytest_configure(config: pytest.Config) -> None:
             run = Run(run_id=run_id, qemu_user=settings.qemu_user)
     except (private.PrivateDirError, ConfigError) as exc:
         raise pytest.UsageError(str(exc)) from exc
-    session = config.stash[SESSION_KEY] = VMForkSession(config, settings, run)
+    stats = config.stash[STATS_KEY] = RunStats()
+    session = config.stash[SESSION_KEY] = VMForkSession(config, settings, run, stats)
     _install_signal_handlers(config)
     if workerinput is None:  # once per run, before any VM: leftovers of dead runs
         gc_at_session_start(lease_root=settings.lease_dir, cache_dir=settings.cache_dir,
@@ -279,108 +287,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def _percentiles(ms: list[float]) -> tuple[float, float, float]:
-    """p50, p95 (nearest rank) and max of a non-empty list."""
-    ms = sorted(ms)
-    return statistics.median(ms), ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))], ms[-1]
-
-
-def merge_snapshot_stats(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per snapshot key from every process's reports (xdist workers):
-    forks pooled, and built if any process built it (the others then waited
-    on its lock and loaded it); ``builds`` counts the processes that booted it."""
-    merged: dict[str, dict[str, Any]] = {}
-    for snap in reports:
-        built = not snap["cache_hit"]
-        have = merged.get(snap["key"])
-        if have is None:
-            merged[snap["key"]] = {**snap, "restore_ms": list(snap.get("restore_ms", [])),
-                                   "first_result_ms": list(snap.get("first_result_ms", [])), "builds": int(built)}
-            continue
-        have["restore_ms"] += snap.get("restore_ms", [])
-        have["first_result_ms"] += snap.get("first_result_ms", [])
-        have["builds"] += built
-        if built and have["cache_hit"]:
-            have.update(cache_hit=False, build_s=snap["build_s"], boot_s=snap["boot_s"])
-    return sorted(merged.values(), key=lambda s: (s["cache_hit"], s["key"]))
-
-
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return
-    stats = session.stats()
-    for worker in getattr(config, "_vmfork_worker_stats", []):
-        stats["forks"] += worker["forks"]
-        stats["restore_ms"] += worker["restore_ms"]
-        stats["snapshots"] += worker["snapshots"]
-        for key in ("first_result_ms", "first_exec_ms", "pool_errors"):
-            stats[key] += worker.get(key, [])
-        stats["prewarmed"] += worker.get("prewarmed", 0)
-        for path, n in worker.get("handoff_paths", {}).items():
-            stats["handoff_paths"][path] = stats["handoff_paths"].get(path, 0) + n
-    worker_messages = [m for w in getattr(config, "_vmfork_worker_stats", []) for m in w.get("messages", [])]
-    if not stats["forks"] and not stats["snapshots"] and not worker_messages:
-        return
-    write = terminalreporter.write_line
-    terminalreporter.section("vmfork summary")
-    for message in dict.fromkeys(worker_messages):  # what workers could not print, once each
-        write(message)
-    snapshots = merge_snapshot_stats(stats["snapshots"])
-    for snap in snapshots:
-        if snap.get("depth"):
-            write(f"snapshot {snap['key']}: " + ("cache hit" if snap["cache_hit"] else "saved in this run"))
-        elif snap["cache_hit"]:
-            write(f"snapshot {snap['key']}: cache hit (no template boot)")
-        else:
-            again = f"; booted by {snap['builds']} processes" if snap["builds"] > 1 else ""
-            write(f"snapshot {snap['key']}: built in {snap['build_s']:.1f}s "
-                  f"(template cold boot {snap['boot_s']:.1f}s){again}")
-        write(f"  template: {snap.get('template') or '?'}")
-        if snap["restore_ms"]:
-            p50, p95, _ = _percentiles(snap["restore_ms"])
-            write(f"  {len(snap['restore_ms'])} forks, restore-to-healthy p50 {p50:.0f} ms, p95 {p95:.0f} ms")
-            if snap.get("first_result_ms"):
-                f50, f95, _ = _percentiles(snap["first_result_ms"])
-                write(f"  fork + first exec p50 {f50:.0f} ms, p95 {f95:.0f} ms "
-                      f"({len(snap['first_result_ms'])} forks ran a command)")
-        else:
-            write("  no forks")
-    if stats["restore_ms"]:
-        p50, p95, top = _percentiles(stats["restore_ms"])
-        write(f"forks: {len(stats['restore_ms'])}  restore-to-healthy p50 {p50:.0f} ms  p95 {p95:.0f} ms  max {top:.0f} ms")
-        first = stats["first_result_ms"]
-        if first:  # what a test waits for its first result: the fork, then its first command
-            f50, f95, ftop = _percentiles(first)
-            e50 = statistics.median(stats["first_exec_ms"])
-            write(f"fork + first exec ({len(first)} forks ran a command): p50 {f50:.0f} ms  p95 {f95:.0f} ms  "
-                  f"max {ftop:.0f} ms  (first exec alone p50 {e50:.0f} ms)")
-        if stats["prewarmed"] or stats["pool_errors"]:
-            write(f"warm pool: {stats['prewarmed']} of {stats['forks']} forks came pre-warmed, "
-                  f"{stats['forks'] - stats['prewarmed']} forked cold")
-        for error in dict.fromkeys(stats["pool_errors"]):
-            write(f"warm pool: {error}")
-        paths = stats["handoff_paths"]
-        if paths:
-            fallback = paths.get("ctl-fallback", 0)
-            write(f"network handoff: {paths.get('ack', 0)} by guest ack, {fallback} by the control channel's fallback"
-                  + ("  <-- the guest's UDP ack did not arrive in time; see vm.timings" if fallback else ""))
-        boot = [s["boot_s"] for s in snapshots if s["boot_s"]]
-        if boot:
-            line = f"cold boot / fork restore (p50): {max(boot) * 1000 / p50:.0f}x"
-            if first:
-                line += f"; cold boot / fork + first exec (p50): {max(boot) * 1000 / f50:.0f}x"
-            write(line)
+    lines = session.finish_stats().summary_lines()
+    if lines:
+        terminalreporter.section("vmfork summary")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
     output = getattr(node, "workeroutput", {}) or {}
-    if "vmfork_stats" in output:
-        cfg = node.config
-        if not hasattr(cfg, "_vmfork_worker_stats"):
-            cfg._vmfork_worker_stats = []
-        cfg._vmfork_worker_stats.append(output["vmfork_stats"])
+    stats = node.config.stash.get(STATS_KEY, None)
+    if "vmfork_stats" in output and stats is not None:
+        stats.add_worker(output["vmfork_stats"])
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -392,6 +315,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     state.close()
     if hasattr(cfg, "workeroutput"):
-        cfg.workeroutput["vmfork_stats"] = state.stats()
+        cfg.workeroutput["vmfork_stats"] = state.finish_stats().export()
     elif state.settings.cache_max_size is not None:  # once per run, after every test and worker
         enforce_max_size(state.settings.cache_dir, state.settings.cache_max_size, state.progress)

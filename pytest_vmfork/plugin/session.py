@@ -16,11 +16,13 @@ from typing import Any, Callable
 import pytest
 from filelock import FileLock
 
+from pytest_vmfork.build.image import BuildOptions
 from pytest_vmfork.config import Settings
 from pytest_vmfork.errors import BuildError, ConfigError, VMForkError
 from pytest_vmfork.host import private
 from pytest_vmfork.host.run import Run, base_dir
 from pytest_vmfork.net.network import RunNetwork, has_net_admin
+from pytest_vmfork.plugin.stats import RunStats
 from pytest_vmfork.vm.fork import VM, Network, fork
 from pytest_vmfork.vm.kept import identity as kept_identity
 from pytest_vmfork.vm.layer import discard, layer_key, run_layers
@@ -36,29 +38,20 @@ ITEM_VMS = pytest.StashKey[list[VM]]()
 class VMForkSession:
     """Per-process state: settings, run directory, snapshots, statistics."""
 
-    def __init__(self, config: pytest.Config, settings: Settings, run: Run) -> None:
+    def __init__(self, config: pytest.Config, settings: Settings, run: Run, stats: RunStats) -> None:
         self.config = config
         self.settings = settings
         self.run = run
+        self.stats = stats
         self.registry = SnapshotRegistry(
             settings.cache_dir, run=run, accel=settings.accel, rebuild=settings.rebuild, progress=self.progress,
-            build=settings.build, verbose=config.getoption("verbose", 0) > 0,
+            build=BuildOptions(apt_sources=settings.apt_sources, mode=settings.build_mode), verbose=config.getoption("verbose", 0) > 0,
         )
         self.foreign: dict[str, Snapshot] = {}  # every snapshot forked from, by key (vm_factory(snapshot=) too)
-        self.restore_ms: list[float] = []
-        self.restore_by_key: dict[str, list[float]] = {}
-        #: per fork whose test ran a command: fork + first exec, what the test waited for its first result
-        self.first_result_ms: list[float] = []
-        self.first_result_by_key: dict[str, list[float]] = {}
-        self.first_exec_ms: list[float] = []
-        self.prewarmed = 0  # forks that came pre-warmed from the pool
-        self.forks = 0
         self.live: set[VM] = set()
-        self.handoff_paths: dict[str, int] = {}
         self._network: Network = None
         self._run_network: RunNetwork | None = None
         self.pools: dict[str, WarmPool] = {}
-        self.messages: list[str] = []
         self.unshown: list[str] = []
         self.layers: dict[str, Snapshot] = {}
 
@@ -87,7 +80,7 @@ class VMForkSession:
     def progress(self, message: str) -> None:
         """Show a message now (past output capture); xdist workers cannot write to
         the terminal, so theirs are repeated by the controller in the summary."""
-        self.messages.append(message)
+        self.stats.messages.append(message)
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if hasattr(self.config, "workerinput"):
             return
@@ -123,15 +116,9 @@ class VMForkSession:
             self.pools[snapshot.key] = WarmPool(snapshot, self.run, network, self.settings.pool_size,
                                                 ready_timeout=self.settings.ready_timeout,
                                                 handoff_timeout=self.settings.handoff_timeout)
-        self.forks += 1
-        self.restore_ms.append(vm.timings["restore_to_healthy_ms"])
-        self.restore_by_key.setdefault(snapshot.key, []).append(vm.timings["restore_to_healthy_ms"])
-        self.prewarmed += bool(vm.timings.get("prewarmed"))
-        self.foreign.setdefault(snapshot.key, snapshot)  # the registry's own are dropped in stats()
+        self.stats.record_fork(snapshot.key, vm.timings)
+        self.foreign.setdefault(snapshot.key, snapshot)  # the registry's own are dropped in finish_stats()
         vm.snapshot_manifest["ephemeral"] = True  # a test's vm.snapshot(): gone when the run ends
-        path = vm.timings.get("handoff_path")
-        if path:
-            self.handoff_paths[path] = self.handoff_paths.get(path, 0) + 1
         self.live.add(vm)
         return vm
 
@@ -185,12 +172,7 @@ class VMForkSession:
 
     def release(self, vm: VM, failed: bool, node: pytest.Item | None = None) -> None:
         self.live.discard(vm)
-        t = vm.timings
-        if "first_exec_ms" in t and "restore_to_healthy_ms" in t:
-            self.first_exec_ms.append(t["first_exec_ms"])
-            total = round(t["restore_to_healthy_ms"] + t["first_exec_ms"], 2)
-            self.first_result_ms.append(total)
-            self.first_result_by_key.setdefault(vm.forked_from.key, []).append(total)
+        self.stats.record_release(vm.forked_from.key, vm.timings)
         keep = failed and self.settings.keep_failed
         if not keep:
             vm.close()
@@ -245,32 +227,27 @@ class VMForkSession:
         if not hasattr(self.config, "workerinput") or not any(self.run.dir.iterdir()):
             self.run.remove()
 
-    def stats(self) -> dict[str, Any]:
+    def finish_stats(self) -> RunStats:
+        """Complete the run statistics with what is known only at the end: every snapshot
+        this process built or forked from, and the warm pools' failures. Idempotent."""
         entries = self.registry.entries()
         known = {e.snapshot.key for e in entries}
-        pool_errors = [f"{p.failures} failed pre-warm(s) of snapshot {p.snapshot.key}"
-                       f"{' (the pool stopped: forks start cold)' if p.failures >= 3 else ''}; last: {p.last_error}"
-                       for p in self.pools.values() if p.last_error]
-        return {
-            "forks": self.forks,
-            "restore_ms": self.restore_ms,
-            "first_result_ms": self.first_result_ms,
-            "first_exec_ms": self.first_exec_ms,
-            "prewarmed": self.prewarmed,
-            "pool_errors": pool_errors,
-            "handoff_paths": self.handoff_paths,
-            "messages": self.messages,
-            "snapshots": [
-                self._snapshot_stats(e.snapshot, e.description) for e in entries
-            ] + [
-                self._snapshot_stats(s, _describe_foreign(s)) for key, s in self.foreign.items() if key not in known
-            ],
-        }
+        self.stats.pool_errors = [
+            f"{p.failures} failed pre-warm(s) of snapshot {p.snapshot.key}"
+            f"{' (the pool stopped: forks start cold)' if p.failures >= 3 else ''}; last: {p.last_error}"
+            for p in self.pools.values() if p.last_error
+        ]
+        self.stats.snapshots = [
+            self._snapshot_stats(e.snapshot, e.description) for e in entries
+        ] + [
+            self._snapshot_stats(s, _describe_foreign(s)) for key, s in self.foreign.items() if key not in known
+        ]
+        return self.stats
 
     def _snapshot_stats(self, snap: Snapshot, template: str) -> dict[str, Any]:
         return {"key": snap.key, "template": template, "cache_hit": snap.cache_hit, "build_s": snap.build_s,
-                "boot_s": snap.boot_s, "restore_ms": self.restore_by_key.get(snap.key, []), "depth": snap.depth,
-                "first_result_ms": self.first_result_by_key.get(snap.key, [])}
+                "boot_s": snap.boot_s, "restore_ms": self.stats.restore_by_key.get(snap.key, []),
+                "depth": snap.depth, "first_result_ms": self.stats.first_result_by_key.get(snap.key, [])}
 
 
 def _describe_foreign(s: Snapshot) -> str:

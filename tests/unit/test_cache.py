@@ -15,7 +15,7 @@ import pytest
 from filelock import FileLock
 
 from pytest_vmfork.cli import main as vmfork_main
-from pytest_vmfork.config import Settings
+from pytest_vmfork.plugin.options import resolve_settings
 from pytest_vmfork.errors import ConfigError
 from pytest_vmfork.host import cache
 from pytest_vmfork.vm.accel import short_reason
@@ -64,10 +64,10 @@ def test_bad_prune_arguments_are_refused_naming_the_accepted_forms(tmp_path, cap
 
 def test_the_size_cap_is_an_option_with_an_environment_variable(monkeypatch) -> None:
     monkeypatch.setenv("VMFORK_CACHE_MAX_SIZE", "2G")
-    assert Settings.resolve(lambda name: None, lambda name: None).cache_max_size == 2 << 30
+    assert resolve_settings(lambda name: None, lambda name: None).cache_max_size == 2 << 30
     monkeypatch.setenv("VMFORK_CACHE_MAX_SIZE", "big")
     with pytest.raises(ConfigError, match="is not a size: use a number of bytes"):
-        Settings.resolve(lambda name: None, lambda name: None)
+        resolve_settings(lambda name: None, lambda name: None)
 
 
 def test_a_moved_cache_keeps_its_last_use_records(tmp_path) -> None:

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfork import ConfigError
-from pytest_vmfork.config import OPTIONS, Settings
+from pytest_vmfork.plugin.options import OPTIONS, resolve_settings
 
 
 def resolve(cli=None, ini=None, monkeypatch=None):
     cli, ini = cli or {}, ini or {}
-    return Settings.resolve(lambda n: cli.get(n), lambda n: ini.get(n))
+    return resolve_settings(lambda n: cli.get(n), lambda n: ini.get(n))
 
 
 def test_environment_beats_ini_for_the_cache_dir(tmp_path: Path, monkeypatch):
