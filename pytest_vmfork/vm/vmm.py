@@ -124,8 +124,9 @@ class MachineSpec:
             ctl, evt, qmp = (handoff.socket(chan) for chan in ("ctl", "evt", "qmp"))
         except OSError as exc:
             error = RestoreError if incoming else BuildError
-            raise error(f"QEMU for {name}: cannot open {exc.filename or 'a channel'}: {exc.strerror} "
-                        "(a cache file removed while in use? run again to rebuild it)") from exc
+            hint = " (removed while in use? run again to rebuild it)" if isinstance(exc, FileNotFoundError) else ""
+            raise error(f"QEMU for {name}: cannot hand it {exc.filename or 'a file or socket'}: "
+                        f"{exc.strerror}{hint}") from exc
         argv = [
             QEMU_BINARY,
             "-name", f"vmfork-{name},debug-threads=on",
@@ -317,11 +318,11 @@ class QemuProcess:
                     f"did not answer on its QMP monitor within {timeout:.0f}s")
                 raise RestoreError(f"QEMU for {name} {why}; its stderr:\n{_tail(workdir / 'qemu.stderr')}")
             events = await EventChannel.open(handoff.sockets.pop("evt"), name)
+            self = cls(name, workdir, proc, monitor, events, file_limit=file_limit, uid=handoff.user.uid)
         except BaseException:
             _kill(proc)
             await monitor.disconnect()
             raise
-        self = cls(name, workdir, proc, monitor, events, file_limit=file_limit, uid=handoff.user.uid)
         events.start(on_fault=self._cut_off)
         ctl = handoff.sockets.pop("ctl")
         ctl.setblocking(True)
