@@ -6,10 +6,15 @@
     │   └── ImageBuildError
     ├── RestoreError     a fork did not come up (carries the console tail)
     │   ├── HandoffError the network handoff failed on both paths
-    │   └── AckTimeout   a mailbox ack did not arrive in time
+    │   ├── AckTimeout   a mailbox ack did not arrive in time
+    │   ├── QemuTimeout  QEMU's monitor, a migration or a guest event did not answer
+    │   │                in time (also a TimeoutError)
+    │   └── EventChannelError the guest's event channel closed: the guest broke its
+    │                    bounds (its QEMU was killed) or QEMU exited (also an EOFError)
     ├── GuestError       the guest agent failed or an exec timed out
     │   ├── GuestFileError   a guest file operation failed (errno + guest path)
-    │   └── ProcessTimeout   a spawned process did not exit in time
+    │   ├── ProcessTimeout   a spawned process did not exit in time
+    │   └── AgentTimeout     a guest agent call got no answer in time (also a TimeoutError)
     └── StateError       an operation in the wrong lifecycle state
 """
 
@@ -56,6 +61,17 @@ class AckTimeout(RestoreError):
     """A mailbox requested with wait_for_ack was not acknowledged in time."""
 
 
+class QemuTimeout(RestoreError, TimeoutError):
+    """QEMU (its QMP monitor, a migration) or its guest (an event such as readiness)
+    did not answer within the limit. Also a TimeoutError: callers that wait on a
+    bound catch it as one."""
+
+
+class EventChannelError(RestoreError, EOFError):
+    """The guest's event channel closed: the guest broke its bounds (overlong line,
+    flood; its QEMU was killed) or QEMU exited. Also an EOFError (the channel's end)."""
+
+
 class GuestError(VMForkError):
     """The guest agent could not run a request (including exec timeouts)."""
 
@@ -72,6 +88,11 @@ class GuestFileError(GuestError):
 
 class ProcessTimeout(GuestError):
     """A spawned process did not exit (or print a line) within the timeout; it keeps running."""
+
+
+class AgentTimeout(GuestError, TimeoutError):
+    """A call to the guest agent got no answer (or the guest took no request bytes)
+    within its timeout; the call was cancelled. Also a TimeoutError."""
 
 
 class StateError(VMForkError):

@@ -4,6 +4,8 @@
 only boots specially built guest kernels. The probe boots the image's own
 Debian kernel under ``-accel kvm`` without a disk and waits for the kernel to
 start its init process; the verdict is cached per (kernel, QEMU, host kernel).
+A probe that cannot run is a verdict against KVM, never an error; a verdict
+that cannot be recorded is a ConfigError naming the cache directory.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ def probe_kvm(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> t
             "-serial", f"file:{console}", "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", "console=ttyS0 rdinit=/init panic=-1",
         ]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError as exc:
+            return False, f"QEMU could not be started: {exc}"
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline and proc.poll() is None:
@@ -77,8 +82,13 @@ def resolve_accel(setting: str, cache_dir: Path, template: Template, progress: C
     except (OSError, ValueError):
         ok, reason = probe_kvm(img.kernel, img.initrd)
         verdict = {"ok": ok, "reason": reason}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(verdict))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(verdict))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot record the KVM probe's verdict in {path}: {exc.strerror}; make the cache "
+                "directory writable or choose another (--vmfork-cache-dir / VMFORK_CACHE_DIR)") from exc
         probed = True
     reason = short_reason(str(verdict.get("reason", "")))
     if setting == "kvm" and not verdict.get("ok"):

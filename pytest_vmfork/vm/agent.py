@@ -11,6 +11,9 @@ Everything from the guest is untrusted: frames are bounded (:data:`MAX_RECEIVE`;
 a larger one cuts the VM off), replies are decoded by the schema, error texts are
 cut to size, and a stream's queue is bounded, so a guest that floods its channel
 costs the host a bounded amount of memory.
+
+Every failure is a GuestError: a call that gets no answer in time an AgentTimeout
+(also a TimeoutError), an exec that does not finish an ExecTimeout.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from pytest_vmfork import channel as ch
-from pytest_vmfork.errors import GuestError, GuestFileError
+from pytest_vmfork.errors import AgentTimeout, GuestError, GuestFileError
 from pytest_vmfork.proto import agent_pb2 as pb
 
 #: Extra seconds the host waits beyond an exec's own guest-side timeout.
@@ -164,7 +167,7 @@ class AgentClient:
 
     def _send(self, kind: int, stream: int, payload: bytes = b"", method: int = 0,
               deadline: float | None = None) -> None:
-        """Write one frame whole; TimeoutError if the guest takes none of it by ``deadline``."""
+        """Write one frame whole; AgentTimeout if the guest takes none of it by ``deadline``."""
         if self.closed:
             raise GuestError("the guest agent's control channel is closed (QEMU exited)")
         view = memoryview(ch.encode(kind, self.session, stream, payload, method))
@@ -174,7 +177,7 @@ class AgentClient:
             while view:
                 wait = None if deadline is None else max(deadline - time.monotonic(), 0.0) * 1000
                 if not writable.poll(wait):
-                    raise TimeoutError("the guest agent took no request bytes in time")
+                    raise AgentTimeout("the guest agent took no request bytes in time")
                 try:
                     view = view[self._sock.send(view, socket.MSG_DONTWAIT):]
                 except BlockingIOError:
@@ -185,7 +188,7 @@ class AgentClient:
     def _send_quietly(self, kind: int, stream: int) -> None:
         try:
             self._send(kind, stream, deadline=time.monotonic() + 1.0)
-        except (GuestError, TimeoutError):
+        except GuestError:
             pass
 
     def _next_frame(self, method: ch.Method, q: queue.Queue[tuple[int, bytes]], deadline: float | None,
@@ -193,7 +196,7 @@ class AgentClient:
         try:
             kind, payload = q.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
         except queue.Empty:
-            raise TimeoutError(f"guest agent {method.name} did not answer within {timeout}s") from None
+            raise AgentTimeout(f"guest agent {method.name} did not answer within {timeout}s") from None
         if kind == _CLOSED:
             raise GuestError(f"guest agent {method.name} failed: the control channel closed (QEMU exited)")
         if kind == ch.ERROR:
@@ -221,7 +224,7 @@ class AgentClient:
                 self._send(ch.END, stream, deadline=deadline)
             _, payload = self._next_frame(method, q, deadline, timeout)
             return _parse(name, method.response, payload)
-        except TimeoutError:
+        except AgentTimeout:
             self._send_quietly(ch.CANCEL, stream)
             raise
         finally:
@@ -276,7 +279,7 @@ class AgentClient:
         )
         try:
             resp: pb.ExecResponse = self._unary("Exec", req, timeout + EXEC_GRACE_S)
-        except TimeoutError as exc:
+        except AgentTimeout as exc:
             raise ExecTimeout(argv, timeout) from exc
         if resp.timed_out:
             raise ExecTimeout(argv, timeout, resp.stdout, resp.stderr)
@@ -322,7 +325,7 @@ class AgentClient:
                 for item in inputs:
                     self._send(ch.DATA, stream, item.SerializeToString())
                 self._send(ch.END, stream)
-            except (GuestError, TimeoutError):
+            except GuestError:
                 pass
 
         threading.Thread(target=pump, name="vmfork-shell-input", daemon=True).start()

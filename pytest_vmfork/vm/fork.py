@@ -42,8 +42,9 @@ from pytest_vmfork.vm import files
 from pytest_vmfork.vm import process as proc
 from pytest_vmfork.vm.agent import DEFAULT_OUTPUT_LIMIT, MAX_OUTPUT_LIMIT, MAX_SEND, AgentClient, ExecResult
 from pytest_vmfork.vm.layer import check_name, save_running
+from pytest_vmfork.vm.procmem import ProcMem
 from pytest_vmfork.vm.snapshot import Snapshot, require_mailboxes
-from pytest_vmfork.vm.vmm import FORK_FILE_LIMIT, ProcMem, QemuProcess
+from pytest_vmfork.vm.vmm import FORK_FILE_LIMIT, QemuProcess
 
 DEFAULT_READY_TIMEOUT = 30.0
 DEFAULT_HANDOFF_TIMEOUT = 2.0  # the guest acks before it says ready: this only bounds a lost ack

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Awaitable, TypeVar
+
+from pytest_vmfork.errors import QemuTimeout
 
 T = TypeVar("T")
 
@@ -38,14 +40,22 @@ def loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def run(coro: Awaitable[T], timeout: float | None = None) -> T:
+def run(coro: Awaitable[T], timeout: float | None = None, what: str = "a call to QEMU") -> T:
     """Run ``coro`` on the background loop and wait for its result.
 
-    Raises ``TimeoutError`` after ``timeout`` seconds (the coroutine is cancelled).
+    Raises QemuTimeout (a TimeoutError) naming ``what`` after ``timeout`` seconds
+    (the coroutine is cancelled); whatever else ``coro`` raises passes through.
     """
 
     async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
+                return await coro
+        except TimeoutError as exc:
+            if scope.expired():
+                raise QemuTimeout(f"{what} did not finish within {timeout:g}s") from exc
+            raise
 
     fut = asyncio.run_coroutine_threadsafe(bounded(), loop())
     try:
@@ -53,12 +63,3 @@ def run(coro: Awaitable[T], timeout: float | None = None) -> T:
     except BaseException:
         fut.cancel()
         raise
-
-
-def call(fn: Callable[..., T], *args: Any) -> T:
-    """Call a plain function on the loop thread (see module docstring)."""
-
-    async def wrapper() -> T:
-        return fn(*args)
-
-    return run(wrapper())
