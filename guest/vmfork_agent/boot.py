@@ -20,6 +20,7 @@ except OSError:
 
 
 def log(msg: str) -> None:
+    """One line on the guest's console (the host's serial log); dropped if the console is full."""
     try:
         os.write(_CONSOLE, f"vmfork-agent: {msg}\n".encode())
     except OSError:

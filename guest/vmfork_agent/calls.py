@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 CHUNK = ch.CHUNK  # file content per message
 
-
 _ERRNO_CODE = {
     errno.ENOENT: "NOT_FOUND",
     errno.EACCES: "PERMISSION_DENIED",
@@ -49,10 +48,12 @@ def os_error(exc: OSError, path: str) -> CallError:
 
 
 def invalid(message: str) -> CallError:
+    """A request the agent refuses as it stands (INVALID_ARGUMENT)."""
     return CallError("INVALID_ARGUMENT", message)
 
 
 def absolute(path: str) -> str:
+    """A request's guest path, normalised; INVALID_ARGUMENT unless it is absolute."""
     if not path.startswith("/") or "\0" in path:
         raise invalid(f"guest path {path!r} is not absolute")
     return os.path.normpath(path)

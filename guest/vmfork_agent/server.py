@@ -46,6 +46,9 @@ READ_SIZE = 1 << 16
 
 
 class Agent:
+    """The agent's state: its ports, mailboxes, open streams, timers, processes and network;
+    everything is opened and built at boot, so a fork's resume only uses it."""
+
     def __init__(self) -> None:
         params = cmdline_params()
         self.nonce = os.urandom(mbx.NONCE_SIZE)
