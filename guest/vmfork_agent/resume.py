@@ -75,7 +75,8 @@ def on_resume(agent: Agent) -> None:
     log(f"resumed as fork generation {agent.generation}")  # after the signal: off the hot path
 
 
-def deliver(agent: Agent, mb: GuestMailbox, delivery: mbx.Delivery, ack: str | None, net: dict | None) -> None:
+def deliver(agent: Agent, mb: GuestMailbox, delivery: mbx.Delivery, ack: str | None,
+            net: dict | None) -> None:
     """Publish a payload at /run/vmfork/mailbox/<name>.json (atomically).
 
     ``ack`` is "agent" (acknowledge on delivery), "guest" (a guest program

@@ -38,7 +38,7 @@ from pytest_vmfork.errors import ImageBuildError
 from pytest_vmfork.host import private
 
 
-def kernel_files(kout: Path, root_tar: Path, init_script: bytes, cache_dir: Path, work: Path, out: Path,
+def _kernel_files(kout: Path, root_tar: Path, init_script: bytes, cache_dir: Path, work: Path, out: Path,
                   progress: Callable[[str], None]) -> dict[str, Any]:
     """vmlinuz, the PVH vmlinux where it can be extracted, and the initramfs (busybox from
     the root, the kernel's virtio/ext4 modules) into ``out``, and the kernel's module tree
@@ -145,7 +145,7 @@ def debian_root(base: ImageSpec, cache_dir: Path, *, mode: rootfs.BuildMode, apt
                                                   kernel_hook=hook, kernel_flavour=base.kernel_flavour, work=work)
             os.rename(tar_path, staging / "root.tar")
             used, entries, versions = rootfs.tar_stats(staging / "root.tar")
-            kinfo = kernel_files(kout, staging / "root.tar", guest["initramfs-init.sh"], Path(cache_dir), work,
+            kinfo = _kernel_files(kout, staging / "root.tar", guest["initramfs-init.sh"], Path(cache_dir), work,
                                   staging, progress)
             remove_tree(work)
             (staging / "root.json").write_text(json.dumps({

@@ -4,7 +4,8 @@
 maps it; its subpackage ``vmfork_agent`` holds the agent's modules), so a wheel, an
 sdist and an editable checkout all ship exactly one copy of the agent and the init
 scripts. The guest also runs host modules, shared byte for byte: the mailbox codec,
-the channel's framing, the tree writer and the generated protobuf code. These files, and nothing else of the package, shape the image key.
+the channel's framing, the tree writer and the generated protobuf code. These files,
+and nothing else of the package, shape the image key.
 """
 
 from __future__ import annotations
