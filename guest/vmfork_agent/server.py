@@ -25,9 +25,10 @@ import socket
 import threading
 import time
 
+from vmfork_agent import files
 from vmfork_agent.boot import AGENT_VERSION, START, cmdline_params, find_port, log
 from vmfork_agent.calls import Call, CallError, invalid
-from vmfork_agent.files import PutFileCall, PutTreeCall, get_file, get_tree
+from vmfork_agent.files import PutFileCall, PutTreeCall
 from vmfork_agent.mailboxes import GuestMailbox
 from vmfork_agent.network import Network
 from vmfork_agent.processes import Processes
@@ -76,10 +77,12 @@ class Agent:
         self.sel.register(self.ctl, selectors.EVENT_READ, self.ctl_readable)
         self.sel.register(self.evt, selectors.EVENT_READ, self.evt_readable)
         self.processes = Processes(self)
+        # Every handler a bound method: one kind of callable at on_frame's call site, which
+        # Python 3.11 specializes in the template; a mix re-specializes it in every fork (TCG).
         by_name = {
             "Health": self.health, "Describe": self.describe, "ReadMailbox": self.read_mailbox,
-            "Exec": start_call, "PutFile": start_call, "PutTree": start_call, "Shell": start_call,
-            "GetFile": get_file, "GetTree": get_tree, "Spawn": self.processes.spawn,
+            "Exec": self.start, "PutFile": self.start, "PutTree": self.start, "Shell": self.start,
+            "GetFile": self.get_file, "GetTree": self.get_tree, "Spawn": self.processes.spawn,
             "ReadProcess": self.processes.read, "SignalProcess": self.processes.signal,
         }
         self.call_types = {ch.METHODS[name].id: cls for name, cls in (
@@ -224,7 +227,7 @@ class Agent:
                 self.emit(event="error", stage="resume", detail=type(exc).__name__)
                 log(f"resume failed: {exc!r}")
 
-    # --- the methods about the agent itself ---------------------------------------
+    # --- the methods about the agent itself ------------------------------------------
 
     def health(self, call: Call, req) -> None:
         call.finish(pb.HealthResponse(healthy=True, generation=self.generation, agent_version=AGENT_VERSION,
@@ -244,10 +247,17 @@ class Agent:
             raise CallError("NOT_FOUND", f"no mailbox named {req.name!r}")
         call.finish(pb.ReadMailboxResponse(payload=mb.payload, generation=mb.generation))
 
+    # --- the methods run by a module of their own ------------------------------------
 
-def start_call(call: ExecCall | PutFileCall | PutTreeCall | ShellCall, req) -> None:
-    """Exec, PutFile, PutTree and Shell: the call's own class (``call_types``) runs it."""
-    call.start(req)
+    def start(self, call: ExecCall | PutFileCall | PutTreeCall | ShellCall, req) -> None:
+        """Exec, PutFile, PutTree and Shell: the call's own class (``call_types``) runs it."""
+        call.start(req)
+
+    def get_file(self, call: Call, req) -> None:
+        files.get_file(call, req)
+
+    def get_tree(self, call: Call, req) -> None:
+        files.get_tree(call, req)
 
 
 def main() -> None:
