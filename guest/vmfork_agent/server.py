@@ -77,8 +77,8 @@ class Agent:
         self.sel.register(self.ctl, selectors.EVENT_READ, self.ctl_readable)
         self.sel.register(self.evt, selectors.EVENT_READ, self.evt_readable)
         self.processes = Processes(self)
-        # Every handler a bound method: one kind of callable at on_frame's call site, which
-        # Python 3.11 specializes in the template; a mix re-specializes it in every fork (TCG).
+        # Every handler a bound method, as before the split: on_frame's call site, which Python
+        # 3.11 specializes in the template, sees one kind of callable (a mix deoptimizes it).
         by_name = {
             "Health": self.health, "Describe": self.describe, "ReadMailbox": self.read_mailbox,
             "Exec": self.start, "PutFile": self.start, "PutTree": self.start, "Shell": self.start,

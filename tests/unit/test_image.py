@@ -59,6 +59,9 @@ def test_key_sources_come_from_the_installed_package_and_hold_only_guest_files()
     assert not [k for k in sources if k.endswith(".pyc") or "__pycache__" in k]
     from importlib import resources
     assert sources["guest/agent.py"] == resources.files("pytest_vmfork.guest").joinpath("agent.py").read_bytes()
+    # The agent's modules shape the key too: a change in any of them rebuilds the image.
+    assert sources["guest/vmfork_agent/resume.py"] == \
+        resources.files("pytest_vmfork.guest").joinpath("vmfork_agent", "resume.py").read_bytes()
 
 
 def test_key_depends_on_package_set_not_order(src: Path) -> None:
