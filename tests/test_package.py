@@ -41,3 +41,12 @@ def test_sdist_and_wheel_pass_twine_check_with_the_readme_as_long_description(tm
     for rel in ("README.md", "CHANGELOG.md", "docs/architecture.md", "docs/performance.md",
                 "docs/security.md", "docs/bench.svg"):
         assert f"{root}/{rel}" in names, rel
+
+    # Every file of guest/ (the agent's entry, its package vmfork_agent/, the init scripts)
+    # ships in both, so the image builder finds the whole agent through the installed package.
+    guest = {p.relative_to(REPO / "guest").as_posix() for p in (REPO / "guest").rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts}
+    assert {"agent.py", "vmfork_agent/server.py", "vmfork_agent/resume.py"} <= guest
+    assert {f"{root}/guest/{rel}" for rel in guest} <= set(names)
+    with zipfile.ZipFile(wheel) as whl:
+        assert {f"pytest_vmfork/guest/{rel}" for rel in guest} <= set(whl.namelist())

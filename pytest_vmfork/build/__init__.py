@@ -1,9 +1,13 @@
-"""Building a guest: Debian root (mmdebstrap), ext4 image, kernel, initramfs, module tree.
+"""The guest image: what goes into it and how it is built and cached.
 
-``aptsources`` (which Debian), ``rootfs`` (the root tree), ``kernel`` (kernel and
-initramfs), ``modtree`` (the kernel's modules as a squashfs), ``guestfiles`` (the agent
-and init scripts the package ships), ``image`` (all of it as one cached, content-keyed
-image).
+``image`` (build one image, locked and staged; the public import path for the names
+below), ``imagespec`` (the spec, its key, the built ``Image`` and its cache entry),
+``debianroot`` (mmdebstrap's root per package set, shared by images), ``overlay`` (the
+guest's file layout: agent, init files, shared modules, wheels), ``guestfiles`` (the
+guest files found through the installed package), ``rootfs`` (mmdebstrap, the ext4
+root), ``aptsources``, ``kernel`` (Debian's or a user's kernel, the initramfs),
+``modtree`` (the kernel's module tree disk).
 
-May import: ``pytest_vmfork.host`` and the bottom layer. Nothing here runs QEMU.
+May import: ``pytest_vmfork.host`` and the bottom layer (errors, settings). Nothing
+here starts a VM.
 """

@@ -1,10 +1,11 @@
 """The files the guest is made of, found through the installed package.
 
 ``guest/`` in the source tree is the package ``pytest_vmfork.guest`` (pyproject.toml
-maps it), so a wheel, an sdist and an editable checkout all ship exactly one copy of
-the agent and the init scripts. The guest also runs host modules, shared byte for
-byte: the mailbox codec, the channel's framing, the tree writer and the generated
-protobuf code. These files, and nothing else of the package, shape the image key.
+maps it; its subpackage ``vmfork_agent`` holds the agent's modules), so a wheel, an
+sdist and an editable checkout all ship exactly one copy of the agent and the init
+scripts. The guest also runs host modules, shared byte for byte: the mailbox codec,
+the channel's framing, the tree writer and the generated protobuf code. These files,
+and nothing else of the package, shape the image key.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from pytest_vmfork.errors import ImageBuildError
 GUEST_PACKAGE = "pytest_vmfork.guest"
 #: Modules of pytest_vmfork that the guest imports, relative to the package.
 SHARED_MODULES = ("mailbox.py", "channel.py", "tree.py", "proto/agent_pb2.py")
+#: The agent's package (guest/vmfork_agent/), installed beside its entry agent.py in the image.
+AGENT_PACKAGE = "vmfork_agent"
 #: Guest files the image builder needs; a package without them is broken.
-REQUIRED = ("agent.py", "inittab", "rc.sh", "initramfs-init.sh", "vmfork-ack", "fetch-kernel.sh")
+REQUIRED = ("agent.py", f"{AGENT_PACKAGE}/__init__.py", f"{AGENT_PACKAGE}/server.py", "inittab", "rc.sh",
+            "initramfs-init.sh", "vmfork-ack", "fetch-kernel.sh")
 
 
 def _walk(node: Traversable, prefix: str = "") -> list[tuple[str, Traversable]]:

@@ -1,4 +1,5 @@
-"""Unit tests for the pure parts of pytest_vmfork.build.image (no network, no apt, no QEMU)."""
+"""Unit tests for the pure parts of the image build: pytest_vmfork.build.imagespec (spec, key,
+cache entry) and pytest_vmfork.build.overlay (the guest's file layout); no network, no apt, no QEMU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfork.build import guestfiles, image, rootfs
+from pytest_vmfork.build import guestfiles, imagespec, overlay, rootfs
 from pytest_vmfork.build.image import ImageSpec, compute_key
 
 WHEELS = {"protobuf": "2.0", "pyroute2": "0.1"}
@@ -58,6 +59,9 @@ def test_key_sources_come_from_the_installed_package_and_hold_only_guest_files()
     assert not [k for k in sources if k.endswith(".pyc") or "__pycache__" in k]
     from importlib import resources
     assert sources["guest/agent.py"] == resources.files("pytest_vmfork.guest").joinpath("agent.py").read_bytes()
+    # The agent's modules shape the key too: a change in any of them rebuilds the image.
+    assert sources["guest/vmfork_agent/resume.py"] == \
+        resources.files("pytest_vmfork.guest").joinpath("vmfork_agent", "resume.py").read_bytes()
 
 
 def test_key_depends_on_package_set_not_order(src: Path) -> None:
@@ -82,7 +86,7 @@ def test_key_depends_on_flavour_wheels_and_recipe(src: Path, monkeypatch: pytest
     base = key(src)
     assert key(src, ImageSpec(kernel_flavour="cloud-amd64")) != base
     assert key(src, wheels={**WHEELS, "protobuf": "2.1"}) != base
-    monkeypatch.setattr(image, "RECIPE_VERSION", image.RECIPE_VERSION + 1)
+    monkeypatch.setattr(imagespec, "RECIPE_VERSION", imagespec.RECIPE_VERSION + 1)
     assert key(src) != base
 
 
@@ -124,23 +128,23 @@ def test_load_requires_manifest_and_sizes(tmp_path: Path) -> None:
     import json
     d = tmp_path / ("a" * 64)
     d.mkdir()
-    assert image.load_cached(d) is None
+    assert imagespec.load_cached(d) is None
     for name in ("vmlinuz", "initrd.img", "rootfs.img"):
         (d / name).write_bytes(b"x" * 3)
     manifest = {"key": d.name, "files": {"vmlinuz": 3, "initrd.img": 3, "rootfs.img": 3}}
     (d / "manifest.json").write_text(json.dumps(manifest))
-    img = image.load_cached(d)
+    img = imagespec.load_cached(d)
     assert img is not None and img.kernel == d / "vmlinuz" and img.rootfs == d / "rootfs.img"
     (d / "vmlinux").write_bytes(b"elf")
     (d / "manifest.json").write_text(json.dumps({**manifest, "files": {**manifest["files"], "vmlinux": 3}}))
-    assert image.load_cached(d).kernel == d / "vmlinux"
+    assert imagespec.load_cached(d).kernel == d / "vmlinux"
     (d / "rootfs.img").write_bytes(b"x")  # truncated
-    assert image.load_cached(d) is None
+    assert imagespec.load_cached(d) is None
     (d / "rootfs.img").write_bytes(b"xxx")
     (d / "manifest.json").write_text(json.dumps({"key": d.name, "files": {}}))
-    assert image.load_cached(d) is None  # lists none of the image files
+    assert imagespec.load_cached(d) is None  # lists none of the image files
     (d / "manifest.json").write_text("{not json")
-    assert image.load_cached(d) is None
+    assert imagespec.load_cached(d) is None
 
 
 # --- the overlay the builder adds to the Debian root ----------------------------------------
@@ -151,7 +155,7 @@ def test_overlay_tarball_is_root_owned_and_keeps_modes_and_symlinks(tmp_path: Pa
     (site / "google/__init__.py").write_text("x = 1\n")
     (site / "google/__pycache__").mkdir()
     (site / "google/__pycache__/x.pyc").write_bytes(b"\0")
-    files = image.guest_overlay(site)
+    files = overlay.guest_overlay(site)
     files.update({"/usr/local/bin/hello": (b"#!/bin/sh\necho hi\n", 0o755), "/etc/app.conf": (b"a=1\n", 0o644)})
     out = tmp_path / "overlay.tar"
     rootfs.write_overlay(files, out)
@@ -165,3 +169,7 @@ def test_overlay_tarball_is_root_owned_and_keeps_modes_and_symlinks(tmp_path: Pa
     # No directory entries: /bin, /sbin and /lib are symlinks into /usr in the Debian root.
     assert not [m for m in members.values() if m.isdir()]
     assert members["./opt/vmfork/agent.py"].size == len(guestfiles.guest_files()["agent.py"])
+    # The agent's package sits beside its entry, where the guest's sys.path (/opt/vmfork) finds it.
+    agent_modules = {n for n in guestfiles.guest_files() if n.startswith("vmfork_agent/") and n.endswith(".py")}
+    assert {"vmfork_agent/__init__.py", "vmfork_agent/server.py", "vmfork_agent/resume.py"} <= agent_modules
+    assert {f"./opt/vmfork/{n}" for n in agent_modules} <= set(members)

@@ -178,7 +178,7 @@ def test_no_object_is_reached_into_from_another_module():
     assert not reached, "private attributes used from another module:\n" + "\n".join(reached)
 
 
-@pytest.mark.parametrize("path", sorted([*PACKAGE.rglob("*.py"), *GUEST.glob("*.py")]),
+@pytest.mark.parametrize("path", sorted([*PACKAGE.rglob("*.py"), *GUEST.rglob("*.py")]),
                          ids=lambda p: p.relative_to(PACKAGE.parent).as_posix())
 def test_no_module_is_longer_than_one_concept_needs(path):
     if path.relative_to(PACKAGE.parent).as_posix().removeprefix("pytest_vmfork/") in GENERATED:
