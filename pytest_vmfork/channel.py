@@ -1,6 +1,6 @@
 """The control channel's framing: one codec, shared by the host and the guest agent.
 
-The host (pytest_vmfork/vm/agent.py) and the guest agent (guest/agent.py, which gets
+The host (pytest_vmfork/vm/agent.py) and the guest agent (guest/vmfork_agent/, which gets
 this module copied into its image, like the mailbox codec) exchange protobuf
 messages of pytest_vmfork/proto/agent.proto over the ``org.vmfork.ctl``
 virtio-serial port, multiplexed by stream id. docs/protocol.md is the
