@@ -10,12 +10,14 @@ import zipfile
 from email.parser import Parser
 from pathlib import Path
 
+from fixtures.checkout import build_lock
 from tests.examples import README, REPO
 
 
 def test_sdist_and_wheel_pass_twine_check_with_the_readme_as_long_description(tmp_path: Path) -> None:
-    built = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(tmp_path),
-                            str(REPO)], capture_output=True, text=True, timeout=900, check=False)
+    with build_lock():
+        built = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(tmp_path),
+                                str(REPO)], capture_output=True, text=True, timeout=900, check=False)
     assert built.returncode == 0, built.stderr[-3000:]
     (sdist,) = tmp_path.glob("pytest_vmfork-*.tar.gz")
     (wheel,) = tmp_path.glob("pytest_vmfork-*.whl")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.checkout import build_lock
 from tests.plugin.suites import finish
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,8 +86,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel `pip wheel .` builds from this checkout, readable by any user."""
     _need_root()
     out = tmp_path_factory.mktemp("wheel")
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
-                          "-q", "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
+    with build_lock():
+        res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+                              "-q", "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     (built,) = out.glob("pytest_vmfork-*.whl")
     public = Path("/tmp") / f"vmfork-test-wheel-{secrets.token_hex(4)}"
@@ -129,8 +131,9 @@ def test_the_sdist_carries_the_guest_tree_and_builds_the_same_wheel(tmp_path: Pa
     import tarfile
     import zipfile
 
-    res = subprocess.run([sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(REPO)],
-                         capture_output=True, text=True, timeout=600)
+    with build_lock():
+        res = subprocess.run([sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(REPO)],
+                             capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     (sdist,) = tmp_path.glob("pytest_vmfork-*.tar.gz")
     names = tarfile.open(sdist).getnames()
