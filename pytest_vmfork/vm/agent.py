@@ -1,4 +1,4 @@
-"""The host end of a VM's control channel to its guest agent (guest/agent.py).
+"""The host end of a VM's control channel to its guest agent (guest/vmfork_agent/).
 
 The channel runs over the VM's ``org.vmfork.ctl`` virtio-serial port, whose
 host side is one end of a socketpair QEMU inherits (pytest_vmfork/vm/vmm.py): it
