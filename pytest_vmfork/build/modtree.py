@@ -30,8 +30,8 @@ from typing import Any
 
 import filelock
 
-from pytest_vmfork.host import private
 from pytest_vmfork.errors import ConfigError, ImageBuildError
+from pytest_vmfork.host import private
 
 #: Bump whenever what goes into a tree changes (the squashfs options included).
 RECIPE = 1

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pytest_vmfork.host import confine, private
-from pytest_vmfork.net.leases import boot_id, process_start_time
+from pytest_vmfork.host.procid import boot_id, process_start_time
 
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()

@@ -13,7 +13,7 @@ second Ctrl-C during teardown, an xdist worker killed) can leave behind:
 - partial snapshot, image and Debian root builds (``.staging-*``, ``.trash-*``, ``.old-*``).
 
 :func:`collect` finds and removes them. Everything is judged by its owner's
-identity (PID *and* start time, boot id: :func:`pytest_vmfork.net.leases.owner_gone`),
+identity (PID *and* start time, boot id: :func:`pytest_vmfork.host.procid.owner_gone`),
 so a recycled PID or a zombie never makes a dead run look alive, and nothing
 of a live run is ever touched. Locks are taken with short timeouts; what is
 locked is skipped and reported. ``<run root>/kept/`` (``--vmfork-keep-failed``)
@@ -44,7 +44,7 @@ from typing import Any, Callable, Container
 from filelock import FileLock, Timeout
 
 from pytest_vmfork.errors import ConfigError, VMForkError
-from pytest_vmfork.host import confine, private
+from pytest_vmfork.host import confine, private, procid
 from pytest_vmfork.net import leases as lz
 
 #: Seconds a lock may be waited for; gc never blocks a live run for longer.
@@ -126,53 +126,6 @@ class _OutOfTime(Exception):
 # --- processes ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Stat:
-    state: str
-    ppid: int
-    start: int  # clock ticks since boot
-
-
-def _stat(pid: int) -> _Stat | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        rest = text[text.rindex(")") + 2 :].split()
-        return _Stat(rest[0], int(rest[1]), int(rest[19]))
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-_BTIME: float | None = None
-
-
-def _start_epoch(ticks: int) -> float:
-    """A /proc start time (ticks since boot) as seconds since the epoch."""
-    global _BTIME
-    if _BTIME is None:
-        _BTIME = 0.0
-        with contextlib.suppress(OSError, ValueError):
-            for line in Path("/proc/stat").read_text().splitlines():
-                if line.startswith("btime "):
-                    _BTIME = float(line.split()[1])
-    return _BTIME + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _record_gone(pid: object, start_time: object, boot: object, written: float | None) -> str | None:
-    """Like :func:`leases.owner_gone`, also for records written before start
-    times were recorded: then a live PID counts as the owner unless the process
-    started after the record was written (a reused PID)."""
-    if isinstance(pid, int) and not isinstance(pid, bool) and start_time is None:
-        st = _stat(pid)
-        if st is None:
-            return f"pid {pid} does not exist"
-        if st.state == "Z":
-            return f"pid {pid} is a zombie"
-        if written is not None and _start_epoch(st.start) > written + 2:
-            return f"pid {pid} was reused (started after the record was written)"
-        return None  # cannot prove it gone: treat as alive
-    return lz.owner_gone(pid, start_time, boot)
-
-
 _read_json = lz.read_record  # None if missing, {} if unreadable: one reader for every record
 
 
@@ -218,7 +171,7 @@ def _scan_qemus(roots: list[Path]) -> list[_Qemu]:
         vm_dir = Path(m.group(1))
         if not any(vm_dir.parent.parent in (r, r.resolve()) for r in roots):
             continue
-        st = _stat(pid)
+        st = procid.proc_stat(pid)
         if st is None or st.state == "Z":
             continue
         found.append(_Qemu(pid, st.start, st.ppid, n.group(1), vm_dir))
@@ -229,14 +182,14 @@ def _judge_qemu(q: _Qemu) -> str | None:
     """Why this QEMU's owner is gone, or None while it lives."""
     handles = _read_json(q.vm_dir / "handles.json")
     if handles and handles.get("pid") == q.pid and handles.get("start_time") == q.start:
-        why = _record_gone(handles.get("owner_pid"), handles.get("owner_start_time"),
+        why = procid.record_gone(handles.get("owner_pid"), handles.get("owner_start_time"),
                            handles.get("boot_id"), _mtime(q.vm_dir / "handles.json"))
         return None if why is None else f"owner {why}"
     # No handles yet (a template boot, or a fork being started): QEMU is spawned
     # directly by its owner, so its parent is the owner until it dies.
     if q.ppid <= 1:
         return "reparented to init: its owner died"
-    parent = _stat(q.ppid)
+    parent = procid.proc_stat(q.ppid)
     if parent is None or parent.state == "Z":
         return f"its parent {q.ppid} is gone"
     try:
@@ -265,7 +218,7 @@ def _qemu_of_ours(pid: int, start: int, name: object, qemu_uid: object = None) -
     time, argv[0] ``qemu-system-*``, ``-name vmfork-<name>``, and running as this
     uid or our QEMU user's (:func:`_qemu_uids`); else why not. A forged
     handles.json cannot make gc kill anything else."""
-    st = _stat(pid)
+    st = procid.proc_stat(pid)
     if st is None or st.start != start:
         return "it is not the process recorded (gone, or another start time)"
     try:
@@ -296,7 +249,7 @@ def _kill(pid: int, start: int, name: str, qemu_uid: object = None) -> str | Non
     except OSError as exc:
         return f"pidfd_open failed: {exc.strerror}"
     try:
-        st = _stat(pid)  # after pidfd_open: the pidfd pins this exact process
+        st = procid.proc_stat(pid)  # after pidfd_open: the pidfd pins this exact process
         if st is None or st.start != start:
             return None  # exited (and the PID maybe reused) since the scan
         foreign = _qemu_of_ours(pid, start, name, qemu_uid)
@@ -385,7 +338,7 @@ class _Gc:
             return None, None
         if not handles:
             return handles, "handles.json is unreadable"
-        why = _record_gone(handles.get("owner_pid"), handles.get("owner_start_time"),
+        why = procid.record_gone(handles.get("owner_pid"), handles.get("owner_start_time"),
                            handles.get("boot_id"), _mtime(vm_dir / "handles.json"))
         return handles, why
 
@@ -395,7 +348,7 @@ class _Gc:
         pid, start = handles.get("pid"), handles.get("start_time")
         if not isinstance(pid, int) or not isinstance(start, int):
             return True
-        st = _stat(pid)
+        st = procid.proc_stat(pid)
         if st is None or st.state == "Z" or st.start != start:
             return True
         if any(q.pid == pid for q in self.qemus):
@@ -452,7 +405,7 @@ class _Gc:
         elif not owner:
             why = "owner.json is unreadable"
         else:
-            why = _record_gone(owner.get("pid"), owner.get("start_time"), owner.get("boot_id"),
+            why = procid.record_gone(owner.get("pid"), owner.get("start_time"), owner.get("boot_id"),
                                _mtime(owner_path))
             why = None if why is None else f"owner {why}"
         if why is not None and run_id in self.live_lease_runs:
@@ -584,7 +537,7 @@ class _Gc:
             alive = []
             for entry in path.glob("fork-*.json"):
                 data = _read_json(entry)
-                if data and lz.owner_gone(data.get("pid"), data.get("start_time"),
+                if data and procid.owner_gone(data.get("pid"), data.get("start_time"),
                                           data.get("boot_id")) is None:
                     alive.append(entry.name)
             if alive:
@@ -674,7 +627,7 @@ class _Gc:
                 if not m or not path.is_dir():
                     continue
                 what, key, pid = m.group(1), m.group(2), int(m.group(3))
-                st = _stat(pid)
+                st = procid.proc_stat(pid)
                 builder = "gone" if st is None else ("a zombie" if st.state == "Z" else None)
                 lock_path = folder / f"{key}.lock"
                 # A builder creates the key's lock file before its staging dir: without

@@ -46,6 +46,7 @@ from filelock import FileLock, Timeout
 
 from pytest_vmfork.errors import ConfigError, VMForkError
 from pytest_vmfork.host import private
+from pytest_vmfork.host.procid import boot_id, is_stale, owner_gone, process_start_time
 from pytest_vmfork.net.netlink import iproute, off_loop
 
 DEFAULT_POOL = "10.213.0.0/16"
@@ -169,72 +170,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return {}  # unreadable: nobody can prove ownership
     return data if isinstance(data, dict) else {}
-
-
-# --- process identity and staleness -------------------------------------------
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) of ``pid``, None if gone."""
-    if not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        # comm (field 2) may hold spaces and parentheses: split at the last ')'
-        rest = text[text.rindex(")") + 2 :].split()
-        return rest[0], int(rest[19])  # fields 3 and 22
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def process_start_time(pid: int) -> int:
-    """Field 22 of /proc/<pid>/stat: with the PID, a process identity that
-    survives PID reuse."""
-    stat = _proc_stat(pid)
-    if stat is None:
-        raise VMForkError(f"process {pid} does not exist; cannot take a lease for it")
-    return stat[1]
-
-
-_BOOT_ID: str | None = None
-
-
-def boot_id() -> str:
-    """Identifies this boot: leases in a non-tmpfs lease root survive reboots,
-    where PIDs and start times start over."""
-    global _BOOT_ID
-    if _BOOT_ID is None:
-        try:
-            _BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        except OSError:
-            _BOOT_ID = ""
-    return _BOOT_ID
-
-
-def owner_gone(pid: object, start_time: object, boot: object = None) -> str | None:
-    """Why the owner (pid, start_time[, boot id]) is gone, or None if it is alive.
-
-    Gone means: the PID does not exist, is a zombie (exited, not yet reaped:
-    it will never release anything), was reused by another process (start
-    time differs), or the lease was written during another boot.
-    """
-    if boot and boot_id() and boot != boot_id():
-        return f"pid {pid} belongs to an earlier boot"
-    if not isinstance(pid, int) or not isinstance(start_time, int):
-        return f"owner {pid!r} is not recorded properly"
-    stat = _proc_stat(pid)
-    if stat is None:
-        return f"pid {pid} does not exist"
-    state, started = stat
-    if state == "Z":
-        return f"pid {pid} is a zombie"
-    if started != start_time:
-        return f"pid {pid} was reused (start time {started} != {start_time})"
-    return None
-
-
-def is_stale(pid: object, start_time: object, boot: object = None) -> bool:
-    return owner_gone(pid, start_time, boot) is not None
 
 
 # --- names --------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from pytest_vmfork.errors import BuildError, ConfigError, RestoreError, VMForkError
 from pytest_vmfork.host.confine import Handoff
-from pytest_vmfork.net.leases import process_start_time
+from pytest_vmfork.host.procid import process_start_time
 from pytest_vmfork.vm import qmploop
 from pytest_vmfork.vm.agent import AgentClient
 from pytest_vmfork.vm.events import EventChannel, Fields

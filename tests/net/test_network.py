@@ -27,6 +27,7 @@ import pytest
 from pyroute2 import IPRoute, NetNS, netns
 
 from pytest_vmfork.errors import ConfigError, VMForkError
+from pytest_vmfork.host import procid
 from pytest_vmfork.mailbox import format_ack
 from pytest_vmfork.net import leases as lz
 from pytest_vmfork.net import network as nw
@@ -257,7 +258,7 @@ def test_stale_lease_is_reclaimed_with_its_bridge_and_a_live_one_is_not(make_net
         for subnet, run_id, pid in ((dead_subnet, "dead", gone.pid), (live_subnet, "alive", live_child.pid)):
             lz._write_json(host / f"subnet-{lz._subnet_stem(subnet)}.json", {
                 "subnet": str(subnet), "bridge": lz.bridge_name(subnet), "run_id": run_id,
-                "owner_pid": pid, "owner_start_time": lz.process_start_time(pid) if pid != gone.pid else 1,
+                "owner_pid": pid, "owner_start_time": procid.process_start_time(pid) if pid != gone.pid else 1,
                 "created": time.time(),
             })
         (tmp_path / "runs" / "dead").mkdir(parents=True)

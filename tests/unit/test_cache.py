@@ -15,9 +15,9 @@ import pytest
 from filelock import FileLock
 
 from pytest_vmfork.cli import main as vmfork_main
-from pytest_vmfork.plugin.options import resolve_settings
 from pytest_vmfork.errors import ConfigError
 from pytest_vmfork.host import cache
+from pytest_vmfork.plugin.options import resolve_settings
 from pytest_vmfork.vm.accel import short_reason
 
 DAY = 86400.0

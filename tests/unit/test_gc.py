@@ -22,6 +22,7 @@ import pytest
 
 from pytest_vmfork import cli
 from pytest_vmfork.cli import doctor
+from pytest_vmfork.host import procid
 from pytest_vmfork.janitor import gc as gcmod
 from pytest_vmfork.net import leases as lz
 from pytest_vmfork.net import network as nw
@@ -30,7 +31,7 @@ POOL = lz.parse_pool("10.219.0.0/22")  # never touches the host: host_nets=[] an
 
 
 def start_of(pid: int) -> int:
-    return lz.process_start_time(pid)
+    return procid.process_start_time(pid)
 
 
 def state_of(pid: int) -> str | None:
@@ -77,7 +78,7 @@ def collect(roots: dict[str, Path], **kw) -> gcmod.GcReport:
 
 
 def me() -> dict:
-    return {"pid": os.getpid(), "start_time": start_of(os.getpid()), "boot_id": lz.boot_id()}
+    return {"pid": os.getpid(), "start_time": start_of(os.getpid()), "boot_id": procid.boot_id()}
 
 
 def make_run(root: Path, run_id: str, pid: int, start: int | None, boot: str | None = None) -> Path:
@@ -85,7 +86,7 @@ def make_run(root: Path, run_id: str, pid: int, start: int | None, boot: str | N
     d.mkdir()
     owner = {"pid": pid, "run_id": run_id}
     if start is not None:
-        owner.update(start_time=start, boot_id=boot or lz.boot_id())
+        owner.update(start_time=start, boot_id=boot or procid.boot_id())
     (d / "owner.json").write_text(json.dumps(owner))
     return d
 
@@ -97,7 +98,7 @@ def make_vm(run_dir: Path, name: str, owner: tuple[int, int] | None, qemu: tuple
     (d / "qmp.sock").touch()
     if owner is not None:
         (d / "handles.json").write_text(json.dumps({
-            "owner_pid": owner[0], "owner_start_time": owner[1], "boot_id": lz.boot_id(), "name": name,
+            "owner_pid": owner[0], "owner_start_time": owner[1], "boot_id": procid.boot_id(), "name": name,
             "pid": qemu[0], "start_time": qemu[1], "run_id": run_dir.name, "tap": None, "ip": None}))
     return d
 
@@ -238,7 +239,7 @@ def test_an_orphaned_vmm_is_sigkilled_and_a_live_owners_vmm_is_not(roots, dead):
         make_vm_handles = {orphan_dir: (dead, orphan), kept_dir: ((os.getpid(), start_of(os.getpid())), keep)}
         for d, (owner, proc) in make_vm_handles.items():
             (d / "handles.json").write_text(json.dumps({
-                "owner_pid": owner[0], "owner_start_time": owner[1], "boot_id": lz.boot_id(),
+                "owner_pid": owner[0], "owner_start_time": owner[1], "boot_id": procid.boot_id(),
                 "name": d.name, "pid": proc.pid, "start_time": start_of(proc.pid)}))
         deadline = time.monotonic() + 10  # the stand-in must have exec'd for its cmdline to show
         while b"qemu-system" not in Path(f"/proc/{orphan.pid}/cmdline").read_bytes() or \
@@ -580,7 +581,7 @@ def test_an_orphaned_vmm_running_as_the_recorded_qemu_user_is_killed_another_uid
             time.sleep(0.02)
         for d, proc, uid in ((recorded, procs[0], other_user.uid), (unrecorded, procs[1], None)):
             (d / "handles.json").write_text(json.dumps({
-                "owner_pid": dead[0], "owner_start_time": dead[1], "boot_id": lz.boot_id(), "name": d.name,
+                "owner_pid": dead[0], "owner_start_time": dead[1], "boot_id": procid.boot_id(), "name": d.name,
                 "pid": proc.pid, "start_time": start_of(proc.pid), "qemu_uid": uid}))
         report = collect(roots)
         assert procs[0].wait(5) == -9, "the orphaned VMM of the recorded QEMU user was not SIGKILLed"

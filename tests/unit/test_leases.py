@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_vmfork.errors import ConfigError, VMForkError
+from pytest_vmfork.host import procid
 from pytest_vmfork.net import leases as lz
 
 POOL = lz.parse_pool("10.213.0.0/22")  # four /24s keeps exhaustion cheap to reach
@@ -114,46 +115,6 @@ def test_carving_covers_the_pool_with_disjoint_subnets(base, size, extra):
     assert not any(a.overlaps(b) for a, b in zip(pool, pool[1:]))
 
 
-# --- staleness ------------------------------------------------------------------
-
-
-def test_a_live_owner_is_not_stale():
-    assert lz.owner_gone(os.getpid(), lz.process_start_time(os.getpid()), lz.boot_id()) is None
-
-
-def test_a_dead_pid_is_stale():
-    pid = dead_pid()
-    assert lz.owner_gone(pid, 12345) == f"pid {pid} does not exist"
-
-
-def test_a_live_pid_with_another_start_time_is_stale():
-    start = lz.process_start_time(os.getpid())
-    assert "was reused" in lz.owner_gone(os.getpid(), start + 1)
-
-
-def test_a_zombie_is_stale():
-    proc = subprocess.Popen(["true"])
-    try:
-        start = lz.process_start_time(proc.pid)
-        deadline = time.monotonic() + 10
-        while lz._proc_stat(proc.pid)[0] != "Z":  # exited, not reaped
-            assert time.monotonic() < deadline, "child never became a zombie"
-            time.sleep(0.005)
-        assert lz.owner_gone(proc.pid, start) == f"pid {proc.pid} is a zombie"
-    finally:
-        proc.wait()
-
-
-def test_another_boot_is_stale():
-    start = lz.process_start_time(os.getpid())
-    assert "earlier boot" in lz.owner_gone(os.getpid(), start, "not-this-boot")
-
-
-def test_process_start_time_of_a_missing_process_is_an_error():
-    with pytest.raises(VMForkError, match="does not exist"):
-        lz.process_start_time(dead_pid())
-
-
 # --- names ----------------------------------------------------------------------
 
 
@@ -199,7 +160,7 @@ def test_lease_file_records_the_owner(tmp_path):
     data = json.loads(lease.path.read_text())
     assert {k: data[k] for k in ("subnet", "bridge", "run_id", "owner_pid", "owner_start_time")} == {
         "subnet": "10.213.0.0/24", "bridge": "vmfk0ad50000", "run_id": "run1",
-        "owner_pid": os.getpid(), "owner_start_time": lz.process_start_time(os.getpid()),
+        "owner_pid": os.getpid(), "owner_start_time": procid.process_start_time(os.getpid()),
     }
     assert data["created"] <= time.time()
     assert lz.release_subnet(lease) is True
@@ -270,7 +231,7 @@ def test_exhaustion_names_the_cause_and_the_fix(tmp_path):
 
 
 def test_leases_with_another_prefix_still_block_overlapping_subnets(tmp_path, live_child):
-    start = lz.process_start_time(live_child.pid)
+    start = procid.process_start_time(live_child.pid)
     write_lease(tmp_path, "10.213.0.0/23", "wide", live_child.pid, start)
     assert acquire("run1", tmp_path).subnet == IPv4Network("10.213.2.0/24")
 
@@ -289,7 +250,7 @@ def test_stale_leases_are_reclaimed_and_reported(tmp_path, live_child):
     stale_path = write_lease(tmp_path, "10.213.0.0/24", "deadrun", gone, 1)
     reused_path = write_lease(tmp_path, "10.213.1.0/24", "reused", os.getpid(), 1)
     live_path = write_lease(tmp_path, "10.213.2.0/24", "liverun", live_child.pid,
-                            lz.process_start_time(live_child.pid))
+                            procid.process_start_time(live_child.pid))
     (tmp_path / "runs" / "deadrun").mkdir(parents=True)
 
     lease = acquire("run1", tmp_path)
@@ -352,7 +313,7 @@ def test_forks_get_distinct_addresses_macs_and_taps(tmp_path):
     assert all(len(f.tap) <= lz.IFNAMSIZ for f in forks)
     data = json.loads((run.dir / "fork-2.json").read_text())
     assert (data["owner"], data["pid"]) == ("vm0", os.getpid())
-    assert data["start_time"] == lz.process_start_time(os.getpid())
+    assert data["start_time"] == procid.process_start_time(os.getpid())
 
 
 def test_released_indexes_are_reused_lowest_first(tmp_path):
