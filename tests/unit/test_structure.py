@@ -195,3 +195,22 @@ def test_every_subpackage_says_what_it_is_and_what_it_may_import():
         assert doc, f"pytest_vmfork/{sub}/__init__.py has no docstring"
         if sub not in ("plugin", "cli"):
             assert "May import" in doc, f"pytest_vmfork/{sub}/__init__.py does not say what it may import"
+
+
+def test_the_architecture_page_lists_every_module_and_no_missing_one():
+    """docs/architecture.md's module table is the map a newcomer reads first: it must
+    name every module that exists and nothing that does not."""
+    import re
+
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = page[page.index("### Modules"):page.index("### What moved where")]
+    listed = set(re.findall(r"^\| [a-z]+ \| `([a-z_/]+(?:\.py)?/?)` \|", table, re.M))
+    on_disk = {
+        p.relative_to(PACKAGE).as_posix()
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__main__.py" and p.parent.name != "proto"
+        and not (p.name == "__init__.py" and len(ast.parse(p.read_text()).body) <= 1)  # a docstring
+        and p != PACKAGE / "__init__.py"  # the public names, re-exported
+    } | {"proto/"}
+    assert sorted(on_disk - listed) == [], "modules missing from docs/architecture.md"
+    assert sorted(listed - on_disk) == [], "docs/architecture.md lists modules that do not exist"
