@@ -59,7 +59,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from pytest_vmfork.errors import ConfigError, VMForkError
 from pytest_vmfork.mailbox import parse_ack
-from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net import leaseroot, subnets
+from pytest_vmfork.net.forkleases import ForkLease, RunLeases
+from pytest_vmfork.net.leases import StaleLease, SubnetLease, acquire_subnet, finish_reclaim, release_subnet
 from pytest_vmfork.net.netlink import iproute as _iproute
 from pytest_vmfork.net.netlink import netlink_code as _netlink_code
 from pytest_vmfork.net.netlink import off_loop
@@ -130,7 +132,7 @@ def ensure_bridge(name: str, subnet: IPv4Network) -> None:
         with _iproute() as ipr:
             if not link_exists(name):
                 try:
-                    ipr.link("add", ifname=name, kind="bridge", address=lz.mac_for(gateway),
+                    ipr.link("add", ifname=name, kind="bridge", address=subnets.mac_for(gateway),
                              br_forward_delay=0, br_stp_state=0)
                 except Exception as exc:
                     code = _netlink_code(exc)
@@ -174,19 +176,19 @@ class RunNetwork:
         self,
         run_id: str,
         *,
-        pool: Sequence[IPv4Network] | str = lz.DEFAULT_POOL,
-        prefix: int = lz.DEFAULT_PREFIX,
+        pool: Sequence[IPv4Network] | str = subnets.DEFAULT_POOL,
+        prefix: int = subnets.DEFAULT_PREFIX,
         lease_root: Path | str | None = None,
-        lock_timeout: float = lz.LOCK_TIMEOUT,
+        lock_timeout: float = leaseroot.LOCK_TIMEOUT,
     ) -> None:
         # validate everything before anything is created
-        self.run_id = lz.validate_run_id(run_id)
-        self.pool = lz.parse_pool(pool, prefix) if isinstance(pool, str) else lz.as_pool(pool)
-        self.lease_root = lz._root(lease_root)
+        self.run_id = leaseroot.validate_run_id(run_id)
+        self.pool = subnets.parse_pool(pool, prefix) if isinstance(pool, str) else subnets.as_pool(pool)
+        self.lease_root = leaseroot.resolve_lease_root(lease_root)
         self.lock_timeout = lock_timeout
-        self.lease: lz.SubnetLease | None = None
-        self.leases: lz.RunLeases | None = None
-        self.reclaimed: tuple[lz.StaleLease, ...] = ()
+        self.lease: SubnetLease | None = None
+        self.leases: RunLeases | None = None
+        self.reclaimed: tuple[StaleLease, ...] = ()
         self.timings: dict[str, float] = {}
 
     @property
@@ -205,9 +207,9 @@ class RunNetwork:
     def gateway_mac(self) -> str:
         """The bridge's MAC, fixed at creation (``mac_for(gateway)``): forks get it in
         their handoff so they need no ARP exchange before their first packet."""
-        return lz.mac_for(self.gateway)
+        return subnets.mac_for(self.gateway)
 
-    def _need(self) -> lz.SubnetLease:
+    def _need(self) -> SubnetLease:
         if self.lease is None:
             raise VMForkError(f"run network {self.run_id} is not up; call up() first")
         return self.lease
@@ -219,8 +221,8 @@ class RunNetwork:
         t0 = time.perf_counter()
         if not has_net_admin():
             raise VMForkError(f"creating a run bridge needs CAP_NET_ADMIN; {NO_CAP_HINT}")
-        lease = lz.acquire_subnet(self.run_id, self.pool, lease_root=self.lease_root,
-                                  host_nets=host_nets, lock_timeout=self.lock_timeout)
+        lease = acquire_subnet(self.run_id, self.pool, lease_root=self.lease_root,
+                               host_nets=host_nets, lock_timeout=self.lock_timeout)
         self.lease = lease
         try:
             self.reclaimed = lease.reclaimed
@@ -228,10 +230,10 @@ class RunNetwork:
                 delete_link(stale.bridge)
                 if stale.run_id != self.run_id:
                     with contextlib.suppress(ConfigError):  # a garbled run id names no directory
-                        lz.remove_run(stale.run_id, self.lease_root)
-                lz.finish_reclaim(stale)
-            self.leases = lz.RunLeases(self.run_id, lease.subnet, self.lease_root,
-                                       lock_timeout=self.lock_timeout)
+                        leaseroot.remove_run(stale.run_id, self.lease_root)
+                finish_reclaim(stale)
+            self.leases = RunLeases(self.run_id, lease.subnet, self.lease_root,
+                                    lock_timeout=self.lock_timeout)
             with self.leases.lock():  # one "create if missing" per run at a time
                 ensure_bridge(lease.bridge, lease.subnet)
         except BaseException:
@@ -251,19 +253,19 @@ class RunNetwork:
 
         def teardown() -> None:
             delete_link(lease.bridge)
-            lz.remove_run(self.run_id, self.lease_root)
+            leaseroot.remove_run(self.run_id, self.lease_root)
 
-        last = lz.release_subnet(lease, teardown=teardown, lock_timeout=self.lock_timeout)
+        last = release_subnet(lease, teardown=teardown, lock_timeout=self.lock_timeout)
         self.timings["down_ms"] = (time.perf_counter() - t0) * 1000
         return last
 
-    def allocate(self, owner: str, *, owner_pid: int | None = None) -> lz.ForkLease:
+    def allocate(self, owner: str, *, owner_pid: int | None = None) -> ForkLease:
         """A fork's address, MAC and TAP name."""
         if self.leases is None:
             raise VMForkError(f"run network {self.run_id} is not up; call up() first")
         return self.leases.allocate(owner, owner_pid=owner_pid)
 
-    def release(self, fork: lz.ForkLease) -> None:
+    def release(self, fork: ForkLease) -> None:
         if self.leases is not None:
             self.leases.release(fork)
 
@@ -284,8 +286,8 @@ def open_tap(name: str, bridge: str) -> int:
     The fd is not inheritable (pass it with ``pass_fds``) and owns the TAP:
     closing it, or the death of whoever holds it, deletes the interface.
     """
-    if not isinstance(name, str) or not 0 < len(name.encode()) <= lz.IFNAMSIZ or "/" in name:
-        raise ConfigError(f"invalid TAP name {name!r}: use 1-{lz.IFNAMSIZ} characters without '/'")
+    if not isinstance(name, str) or not 0 < len(name.encode()) <= subnets.IFNAMSIZ or "/" in name:
+        raise ConfigError(f"invalid TAP name {name!r}: use 1-{subnets.IFNAMSIZ} characters without '/'")
     bridge_index = _link_index(bridge)
     if bridge_index is None:
         raise VMForkError(f"bridge {bridge} does not exist; bring the run network up first")
@@ -345,7 +347,7 @@ class ForkNetwork:
     interface: str = "eth0"
 
     @classmethod
-    def from_lease(cls, lease: lz.ForkLease, bridge: str, ack_port: int) -> "ForkNetwork":
+    def from_lease(cls, lease: ForkLease, bridge: str, ack_port: int) -> "ForkNetwork":
         return cls(lease.ipv4, lease.prefix, lease.gateway, lease.mac, lease.tap, bridge, ack_port)
 
     @property

@@ -22,7 +22,7 @@ from pytest_vmfork.config import ACCELS, NETWORKS, Settings, default_cache_dir
 from pytest_vmfork.errors import ConfigError
 from pytest_vmfork.host.cache import parse_size
 from pytest_vmfork.host.confine import check_setting
-from pytest_vmfork.net.leases import parse_pool
+from pytest_vmfork.net.subnets import parse_pool
 
 
 def _bool(name: str) -> Callable[[Any], bool]:

@@ -27,14 +27,14 @@ import pytest
 from pyroute2 import IPRoute, NetNS, netns
 
 from pytest_vmfork.errors import ConfigError, VMForkError
-from pytest_vmfork.host import procid
+from pytest_vmfork.host import private, procid
 from pytest_vmfork.mailbox import format_ack
-from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net import forkleases, leaseroot, leases, subnets
 from pytest_vmfork.net import network as nw
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
 POOL = f"10.214.{int(_WORKER) % 16 * 16 if _WORKER.isdigit() else 0}.0/20"
-SUBNETS = lz.parse_pool(POOL)
+SUBNETS = subnets.parse_pool(POOL)
 TUNGETIFF = 0x800454D2
 IFF_PERSIST = 0x0800
 
@@ -102,7 +102,8 @@ def live_child() -> Iterator[subprocess.Popen]:
 
 
 @contextlib.contextmanager
-def fake_fork(net: nw.RunNetwork, fork: lz.ForkLease, extra_ips: tuple[str, ...] = ()) -> Iterator[str]:
+def fake_fork(net: nw.RunNetwork, fork: forkleases.ForkLease,
+              extra_ips: tuple[str, ...] = ()) -> Iterator[str]:
     """A namespace plugged into the run bridge by a veth pair, configured the
     way the guest agent configures a fork: eth0 with the fork's MAC and address."""
     ns = f"vmfkt-{secrets.token_hex(4)}"
@@ -162,8 +163,8 @@ def test_has_net_admin_reads_the_effective_capabilities():
     assert nw.has_net_admin() is bool(cap_eff & (1 << 12))
 
 
-def test_fork_network_payload():
-    fork = lz.RunLeases("p", "10.214.0.0/24", "/nonexistent")._lease(5, {"owner": "vm"}, Path("x"))
+def test_fork_network_payload(tmp_path):
+    fork = forkleases.RunLeases("p", "10.214.0.0/24", tmp_path).lease_at(5, {"owner": "vm"}, Path("x"))
     fnet = nw.ForkNetwork.from_lease(fork, "vmfk0ad60000", 40000)
     assert fnet.cidr == "10.214.0.5/24"
     assert fnet.payload() == {
@@ -198,8 +199,8 @@ def test_run_network_up_and_down_leaves_nothing(make_net, tmp_path):
     assert br is not None and br["kind"] == "bridge" and br["up"]
     assert br["addrs"] == [f"{net.gateway}/{net.subnet.prefixlen}"]
     assert (br["forward_delay"], br["stp"]) == (0, 0)
-    assert br["mac"] == lz.mac_for(net.gateway)
-    assert net.subnet in SUBNETS and net.bridge == lz.bridge_name(net.subnet)
+    assert br["mac"] == subnets.mac_for(net.gateway)
+    assert net.subnet in SUBNETS and net.bridge == subnets.bridge_name(net.subnet)
     lease_file = net.lease.path
     assert lease_file.exists()
     fork = net.allocate("vm1")
@@ -208,7 +209,7 @@ def test_run_network_up_and_down_leaves_nothing(make_net, tmp_path):
     assert net.down() is True
     assert net.down() is False  # twice is fine
     assert link(bridge) is None and not lease_file.exists()
-    assert not lz.run_lease_dir("solo", tmp_path).exists()
+    assert not leaseroot.run_lease_dir("solo", tmp_path).exists()
     assert not list((tmp_path / "host").glob("*.json"))
     with pytest.raises(VMForkError, match="not up"):
         net.allocate("vm2")
@@ -246,7 +247,7 @@ def test_up_works_from_inside_a_running_event_loop(make_net):
 @needs_root
 def test_stale_lease_is_reclaimed_with_its_bridge_and_a_live_one_is_not(make_net, tmp_path, live_child):
     dead_subnet, live_subnet = SUBNETS[0], SUBNETS[1]
-    dead_bridge, live_bridge = lz.bridge_name(dead_subnet), lz.bridge_name(live_subnet)
+    dead_bridge, live_bridge = subnets.bridge_name(dead_subnet), subnets.bridge_name(live_subnet)
     gone = subprocess.Popen(["true"])
     gone.wait()
     try:
@@ -256,8 +257,8 @@ def test_stale_lease_is_reclaimed_with_its_bridge_and_a_live_one_is_not(make_net
         host = tmp_path / "host"
         host.mkdir()
         for subnet, run_id, pid in ((dead_subnet, "dead", gone.pid), (live_subnet, "alive", live_child.pid)):
-            lz._write_json(host / f"subnet-{lz._subnet_stem(subnet)}.json", {
-                "subnet": str(subnet), "bridge": lz.bridge_name(subnet), "run_id": run_id,
+            private.write_json(leases.lease_path(host, subnet), {
+                "subnet": str(subnet), "bridge": subnets.bridge_name(subnet), "run_id": run_id,
                 "owner_pid": pid, "owner_start_time": procid.process_start_time(pid) if pid != gone.pid else 1,
                 "created": time.time(),
             })
@@ -292,7 +293,7 @@ def test_open_tap_joins_the_bridge_and_vanishes_with_its_fd(make_net):
         assert tap is not None and tap["master"] == link(net.bridge)["index"] and tap["up"]
         flags = struct.unpack("16sH22x", fcntl.ioctl(fd, TUNGETIFF, bytes(40)))[1]
         assert flags & nw.TAP_FLAGS == nw.TAP_FLAGS and not flags & IFF_PERSIST
-        assert link(net.bridge)["mac"] == lz.mac_for(net.gateway)  # a port does not change it
+        assert link(net.bridge)["mac"] == subnets.mac_for(net.gateway)  # a port does not change it
         with pytest.raises(VMForkError, match=f"TAP {fork.tap} already exists and is in use"):
             nw.open_tap(fork.tap, net.bridge)
     finally:

@@ -31,7 +31,7 @@ from typing import Iterator
 import pytest
 
 from pytest_vmfork.janitor import gc
-from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net import leaseroot, leases, subnets
 from pytest_vmfork.net.network import has_net_admin
 
 pytestmark = pytest.mark.skipif(not has_net_admin(), reason="TAP networking needs CAP_NET_ADMIN")
@@ -231,7 +231,7 @@ def links() -> set[str]:
 
 
 def lease_files(lease_root: Path) -> list[str]:
-    host = lz.host_lease_dir(lease_root)
+    host = leaseroot.host_lease_dir(lease_root)
     runs = lease_root / "runs"
     return sorted([p.name for p in host.glob("*.json")] if host.is_dir() else []) + sorted(
         [f"runs/{p.name}" for p in runs.iterdir()] if runs.is_dir() else [])
@@ -249,7 +249,7 @@ def network_leftovers(suite: Inner, marks: list[dict]) -> list[str]:
                  for m in marks if m.get("pid") and alive(m["pid"])]
     now = links()
     problems += [f"TAP {m['tap']} of {m['name']} remains" for m in marks if m.get("tap") in now]
-    bridges = {lz.bridge_name(s) for s in lz.parse_pool(suite.pool)}
+    bridges = {subnets.bridge_name(s) for s in subnets.parse_pool(suite.pool)}
     problems += [f"bridge {b} of the run remains" for b in sorted(now & bridges)]
     problems += [f"lease file {f} remains" for f in lease_files(suite.lease_root)]
     return problems
@@ -264,7 +264,7 @@ def assert_next_run_passes(suite: Inner, *args: str) -> None:
     code, out = suite.run(*args)
     assert code == 0 and "4 passed" in out, out[-5000:]
     left = leftovers(suite, [])
-    assert left == [], (left, lz.list_subnet_leases(suite.lease_root), out[-3000:])
+    assert left == [], (left, leases.list_subnet_leases(suite.lease_root), out[-3000:])
 
 
 def hold_and_signal(suite: Inner, sig: int, *args: str) -> tuple[dict, int, str]:
@@ -309,7 +309,7 @@ def test_sigkill_of_an_xdist_worker_the_run_goes_on_and_leaves_nothing(inner):
     assert wait_gone(mark["pid"]), f"QEMU {mark['pid']} of the killed worker survived it"
     # the controller owns the run directory the workers share: the killed worker's VM dir goes with it
     left = leftovers(suite, [mark])
-    assert left == [], (left, lz.list_subnet_leases(suite.lease_root), out[-3000:])
+    assert left == [], (left, leases.list_subnet_leases(suite.lease_root), out[-3000:])
     assert_next_run_passes(suite, "-n", "2")
 
 
@@ -404,7 +404,7 @@ def test_gc_removes_a_dead_runs_leftovers_and_leaves_a_live_run_alone(inner, tmp
     assert wait_gone(dead["pid"]), "PDEATHSIG should have killed the dead run's QEMU"
     dead_dir, live_dir = Path(dead["run_dir"]), Path(live["run_dir"])
     assert dead_dir.is_dir() and live_dir.is_dir()
-    leases_before = {d["run_id"]: d for d in lz.list_subnet_leases(suite.lease_root)}
+    leases_before = {d["run_id"]: d for d in leases.list_subnet_leases(suite.lease_root)}
     assert leases_before[dead["run_id"]]["stale"] and leases_before[live["run_id"]]["stale"] is None
     dead_bridge = leases_before[dead["run_id"]]["bridge"]
     live_bridge = leases_before[live["run_id"]]["bridge"]
@@ -426,7 +426,7 @@ def test_gc_removes_a_dead_runs_leftovers_and_leaves_a_live_run_alone(inner, tmp
     # the live run is untouched: its directory, VM, QEMU, bridge and lease
     assert (live_dir / live["name"] / "handles.json").is_file() and alive(live["pid"])
     assert live_bridge in links() and live["tap"] in links()
-    (lease,) = lz.list_subnet_leases(suite.lease_root)
+    (lease,) = leases.list_subnet_leases(suite.lease_root)
     assert lease["run_id"] == live["run_id"] and lease["stale"] is None
 
     os.kill(live_proc.pid, signal.SIGINT)  # the live run still works and ends cleanly

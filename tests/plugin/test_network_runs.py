@@ -28,7 +28,7 @@ from typing import Iterator
 import pytest
 from pyroute2 import IPRoute
 
-from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net import forkleases, leaseroot, leases, subnets
 from pytest_vmfork.net import network as nw
 
 from .suites import CONFTEST, finish
@@ -265,7 +265,8 @@ def inner(tmp_path: Path, vmfork_snapshot) -> Iterator:
             shutil.rmtree(tmp, ignore_errors=True)
     # Bridges a run leaked (the test has reported it): only this test's inner
     # runs use its pool, and a leak must not starve the next run of subnets.
-    for name in sorted(set(links()) & {lz.bridge_name(s) for run in made for s in lz.parse_pool(run.pool)}):
+    ours = {subnets.bridge_name(s) for run in made for s in subnets.parse_pool(run.pool)}
+    for name in sorted(set(links()) & ours):
         nw.delete_link(name)
 
 
@@ -289,7 +290,7 @@ def qemu_processes_under(paths: list[Path]) -> list[str]:
 
 
 def lease_files(lease_root: Path) -> list[str]:
-    host = lz.host_lease_dir(lease_root)
+    host = leaseroot.host_lease_dir(lease_root)
     runs = lease_root / "runs"
     return sorted(
         [p.name for p in host.glob("*.json")] if host.is_dir() else []
@@ -303,11 +304,11 @@ def assert_nothing_left(runs: list[InnerRun], records: list[dict], *, keep: tupl
     for r in records:
         assert r["tap"] not in now, f"TAP {r['tap']} of {r['name']} outlived its run"
         assert r["bridge"] not in now, f"bridge {r['bridge']} outlived its run"
-    subnets = [s for run in runs for s in lz.parse_pool(run.pool)]
-    bridges = sorted(set(now) & {lz.bridge_name(s) for s in subnets} - set(keep))
+    pool = [s for run in runs for s in subnets.parse_pool(run.pool)]
+    bridges = sorted(set(now) & {subnets.bridge_name(s) for s in pool} - set(keep))
     assert bridges == [], f"bridges of the inner runs outlived them: {bridges}"
     # any TAP on these subnets, including warm-pool forks no test ever saw
-    taps = sorted(n for n in now if n.startswith(tuple(lz.tap_name(s, 0)[:-4] for s in subnets)))
+    taps = sorted(n for n in now if n.startswith(tuple(subnets.tap_name(s, 0)[:-4] for s in pool)))
     assert taps == [], f"TAPs of the inner runs outlived them: {taps}"
     for run in {run.lease_root: run for run in runs}.values():
         left = [f for f in lease_files(run.lease_root) if f not in keep]
@@ -378,23 +379,23 @@ def test_two_simultaneous_runs_never_share_an_address_tap_or_bridge(inner, tmp_p
         assert len({r["bridge"] for r in group}) == 1  # one bridge per run, shared by its workers
         subnet = ip_interface(group[0]["gateway"]).network
         assert all(ip_address(r["ip"]) in subnet for r in group)
-    subnets = [ip_interface(g[0]["gateway"]).network for g in (first, second)]
-    assert not subnets[0].overlaps(subnets[1])
+    nets = [ip_interface(g[0]["gateway"]).network for g in (first, second)]
+    assert not nets[0].overlaps(nets[1])
     assert_nothing_left([suite], recs)
 
 
 @contextlib.contextmanager
-def dead_run(lease_root: Path, pool: str) -> Iterator[lz.SubnetLease]:
+def dead_run(lease_root: Path, pool: str) -> Iterator[leases.SubnetLease]:
     """What a SIGKILLed run leaves: its subnet lease, a fork lease and its bridge,
     all real, owned by a process that is gone (reaped). Removed afterwards if
     the test did not see it reclaimed."""
     child = subprocess.Popen(["sleep", "60"])
     stale = None
     try:
-        stale = lz.acquire_subnet("deadrun", lz.parse_pool(pool), lease_root=lease_root,
+        stale = leases.acquire_subnet("deadrun", subnets.parse_pool(pool), lease_root=lease_root,
                                   owner_pid=child.pid, host_nets=[])
         nw.ensure_bridge(stale.bridge, stale.subnet)
-        lz.RunLeases("deadrun", stale.subnet, lease_root).allocate("f-dead", owner_pid=child.pid)
+        forkleases.RunLeases("deadrun", stale.subnet, lease_root).allocate("f-dead", owner_pid=child.pid)
         child.kill()
         child.wait()  # reaped: the owner's PID is gone for good
         assert stale.path.exists() and (lease_root / "runs" / "deadrun").is_dir()
@@ -407,20 +408,20 @@ def dead_run(lease_root: Path, pool: str) -> Iterator[lz.SubnetLease]:
         if stale is not None:
             nw.delete_link(stale.bridge)
             stale.path.unlink(missing_ok=True)
-            for tomb in lz.host_lease_dir(lease_root).glob("reclaim-*.json"):
+            for tomb in leaseroot.host_lease_dir(lease_root).glob("reclaim-*.json"):
                 tomb.unlink()
-        lz.remove_run("deadrun", lease_root)
+        leaseroot.remove_run("deadrun", lease_root)
 
 
 @contextlib.contextmanager
-def live_run(lease_root: Path, pool: str) -> Iterator[lz.SubnetLease]:
+def live_run(lease_root: Path, pool: str) -> Iterator[leases.SubnetLease]:
     """A run that is alive (this very process): its lease and its bridge."""
-    live = lz.acquire_subnet("liverun", lz.parse_pool(pool), lease_root=lease_root, host_nets=[])
+    live = leases.acquire_subnet("liverun", subnets.parse_pool(pool), lease_root=lease_root, host_nets=[])
     try:
         nw.ensure_bridge(live.bridge, live.subnet)
         yield live
     finally:
-        lz.release_subnet(live)
+        leases.release_subnet(live)
         nw.delete_link(live.bridge)
 
 
@@ -439,7 +440,7 @@ def test_a_dead_runs_lease_is_reclaimed_and_a_live_runs_lease_is_kept(inner):
         assert not stale.path.exists(), "the dead run's lease file is still there"
         assert not (suite.lease_root / "runs" / "deadrun").exists(), "the dead run's fork leases remain"
         assert now.get(live.bridge) == "bridge", "a live run's bridge was deleted"
-        (kept,) = lz.list_subnet_leases(suite.lease_root)
+        (kept,) = leases.list_subnet_leases(suite.lease_root)
         assert (kept["run_id"], kept["stale"]) == ("liverun", None)
         assert_nothing_left([suite], [rec], keep=(live.bridge, live.path.name))
     assert not {stale.bridge, live.bridge} & set(links())

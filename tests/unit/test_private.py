@@ -9,7 +9,7 @@ import pytest
 
 from pytest_vmfork.host import confine, private
 from pytest_vmfork.host.run import Run
-from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net import forkleases, leases
 
 
 def mode(path: Path) -> int:
@@ -86,9 +86,9 @@ def test_a_planted_lease_root_is_refused(tmp_path):
     root.mkdir()
     root.chmod(0o777)
     with pytest.raises(private.PrivateDirError, match=f"lease root {root} is writable"):
-        lz.RunLeases("run1", "10.219.0.0/24", root).lock()
+        forkleases.RunLeases("run1", "10.219.0.0/24", root).lock()
     with pytest.raises(private.PrivateDirError, match="lease root"):
-        lz.acquire_subnet("run1", "10.219.0.0/24", lease_root=root, host_nets=[])
+        leases.acquire_subnet("run1", "10.219.0.0/24", lease_root=root, host_nets=[])
 
 
 def test_files_are_never_written_through_a_symlink(tmp_path):

@@ -21,7 +21,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from pytest_vmfork import Run, fork
-from pytest_vmfork.net import leases as lz
+from pytest_vmfork.net import leases
 from pytest_vmfork.net import network as nw
 
 ECHO_PORT = 7000
@@ -276,7 +276,7 @@ def private_net(tmp_path: Path) -> Iterator[tuple[nw.RunNetwork, Run]]:
         net.down()
         run.remove()
         assert link_of(bridge) is None, f"{bridge} left behind"
-        assert lz.list_subnet_leases(tmp_path / "leases") == []
+        assert leases.list_subnet_leases(tmp_path / "leases") == []
 
 
 def set_bridge_mac(bridge: str, mac: str) -> None:
