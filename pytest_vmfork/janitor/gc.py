@@ -45,6 +45,7 @@ from filelock import FileLock, Timeout
 
 from pytest_vmfork.errors import ConfigError, VMForkError
 from pytest_vmfork.host import confine, private, procid
+from pytest_vmfork.net import leaseroot, subnets
 from pytest_vmfork.net import leases as lz
 
 #: Seconds a lock may be waited for; gc never blocks a live run for longer.
@@ -59,8 +60,8 @@ SESSION_START_BUDGET_S = 2.0
 
 KEPT = "kept"
 _NOT_RUNS = {KEPT, "leases"}  # the fallback lease root lives in the run root too
-_TAP_RE = re.compile(rf"{lz.TAP_PREFIX}[0-9a-f]{{12}}")
-_BRIDGE_RE = re.compile(rf"{lz.BRIDGE_PREFIX}[0-9a-f]{{8}}")
+_TAP_RE = re.compile(rf"{subnets.TAP_PREFIX}[0-9a-f]{{12}}")
+_BRIDGE_RE = re.compile(rf"{subnets.BRIDGE_PREFIX}[0-9a-f]{{8}}")
 _SNAP_PARTIAL_RE = re.compile(r"\.(staging|trash)-([0-9A-Za-z_]+)-(\d+)")
 _IMAGE_PARTIAL_RE = re.compile(r"\.(staging|old)-([0-9A-Za-z_]+)-(\d+)-[0-9a-f]+")
 _CONSOLE_RE = re.compile(r"path=(/[^,\x00]*)/console\.log")
@@ -126,7 +127,7 @@ class _OutOfTime(Exception):
 # --- processes ----------------------------------------------------------------
 
 
-_read_json = lz.read_record  # None if missing, {} if unreadable: one reader for every record
+_read_json = leaseroot.read_record  # None if missing, {} if unreadable: one reader for every record
 
 
 def _mtime(path: Path) -> float | None:
@@ -483,7 +484,7 @@ class _Gc:
         self.lease_bridges, self.live_lease_runs = lz.lease_summary(self.lease_root)
 
     def leases(self) -> None:
-        host = lz.host_lease_dir(self.lease_root)
+        host = leaseroot.host_lease_dir(self.lease_root)
         if not host.is_dir():
             return
         if self.dry_run:
@@ -515,8 +516,8 @@ class _Gc:
                 for stale in done:
                     if stale.run_id not in live:
                         with contextlib.suppress(ConfigError):
-                            if lz.run_lease_dir(stale.run_id, self.lease_root).exists():
-                                lz.remove_run(stale.run_id, self.lease_root)
+                            if leaseroot.run_lease_dir(stale.run_id, self.lease_root).exists():
+                                leaseroot.remove_run(stale.run_id, self.lease_root)
                                 self.report.remove("run-leases", stale.run_id, "its subnet lease was stale")
                 self._orphan_run_leases(remove=True, live=live)
         except VMForkError:
@@ -756,7 +757,7 @@ def collect(
     gc = _Gc(
         report=report,
         run_root=Path(run_root) if run_root is not None else base_dir(),
-        lease_root=Path(lease_root) if lease_root is not None else lz.default_lease_root(),
+        lease_root=Path(lease_root) if lease_root is not None else leaseroot.default_lease_root(),
         cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
         dry_run=dry_run,
         include_kept=include_kept,

@@ -35,7 +35,7 @@ from pytest_vmfork import mailbox as mbx
 from pytest_vmfork.errors import AckTimeout, ConfigError, GuestError, HandoffError, RestoreError, StateError
 from pytest_vmfork.host.confine import Handoff
 from pytest_vmfork.host.run import Run, write_handles
-from pytest_vmfork.net.leases import ForkLease
+from pytest_vmfork.net.forkleases import ForkLease
 from pytest_vmfork.net.network import USER_NET, AckListener, RunNetwork, open_tap, tap_netdev, user_netdev
 from pytest_vmfork.proto import agent_pb2 as pb
 from pytest_vmfork.vm import files

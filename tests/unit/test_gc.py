@@ -24,10 +24,12 @@ from pytest_vmfork import cli
 from pytest_vmfork.cli import doctor
 from pytest_vmfork.host import procid
 from pytest_vmfork.janitor import gc as gcmod
+from pytest_vmfork.net import leaseroot, subnets
 from pytest_vmfork.net import leases as lz
 from pytest_vmfork.net import network as nw
+from pytest_vmfork.net.forkleases import RunLeases
 
-POOL = lz.parse_pool("10.219.0.0/22")  # never touches the host: host_nets=[] and fake bridges
+POOL = subnets.parse_pool("10.219.0.0/22")  # never touches the host: host_nets=[] and fake bridges
 
 
 def start_of(pid: int) -> int:
@@ -282,15 +284,15 @@ def test_stale_leases_tombstones_and_run_lease_dirs_are_removed_live_ones_kept(r
     lease_root = roots["lease_root"]
     child = subprocess.Popen(["sleep", "60"])
     stale = lz.acquire_subnet("deadrun", POOL, lease_root=lease_root, owner_pid=child.pid, host_nets=[])
-    lz.RunLeases("deadrun", stale.subnet, lease_root).allocate("f-dead", owner_pid=child.pid)
+    RunLeases("deadrun", stale.subnet, lease_root).allocate("f-dead", owner_pid=child.pid)
     live = lz.acquire_subnet("liverun", POOL, lease_root=lease_root, host_nets=[])
-    lz.RunLeases("liverun", live.subnet, lease_root).allocate("f-live")
+    RunLeases("liverun", live.subnet, lease_root).allocate("f-live")
     # an abandoned reclaim: its reclaimer died half-way
-    lz._tombstone(lz.host_lease_dir(lease_root), POOL[3], {"run_id": "older", "subnet": str(POOL[3])},
+    lz.write_tombstone(leaseroot.host_lease_dir(lease_root), POOL[3], {"run_id": "older", "subnet": str(POOL[3])},
                   "released", (child.pid, start_of(child.pid)))
     # a per-run directory without any lease: dead fork entries only / a live one
-    lz.RunLeases("orphan", POOL[2], lease_root).allocate("f-x", owner_pid=child.pid)
-    lz.RunLeases("busy", POOL[2], lease_root).allocate("f-y")
+    RunLeases("orphan", POOL[2], lease_root).allocate("f-x", owner_pid=child.pid)
+    RunLeases("busy", POOL[2], lease_root).allocate("f-y")
     child.kill()
     child.wait()
 
@@ -306,7 +308,7 @@ def test_stale_leases_tombstones_and_run_lease_dirs_are_removed_live_ones_kept(r
     (left,) = lz.list_subnet_leases(lease_root)
     assert left["run_id"] == "liverun" and left["stale"] is None
     assert sorted(p.name for p in (lease_root / "runs").iterdir()) == ["busy", "liverun"]
-    assert not list(lz.host_lease_dir(lease_root).glob("reclaim-*"))
+    assert not list(leaseroot.host_lease_dir(lease_root).glob("reclaim-*"))
     assert lz.release_subnet(live)
 
 
@@ -315,7 +317,7 @@ def test_a_busy_host_lease_lock_is_skipped_not_waited_for(roots):
     lz.acquire_subnet("deadrun", POOL, lease_root=roots["lease_root"], owner_pid=child.pid, host_nets=[])
     child.kill()
     child.wait()
-    holder = LockHolder(lz.host_lease_dir(roots["lease_root"]) / ".lock")  # another process holds it
+    holder = LockHolder(leaseroot.host_lease_dir(roots["lease_root"]) / ".lock")  # another process holds it
     try:
         t0 = time.monotonic()
         report = collect(roots, lock_timeout=0.2)
@@ -463,7 +465,7 @@ def test_a_stale_leases_bridge_and_an_unheld_tap_are_deleted_held_ones_kept(root
     stale = lz.acquire_subnet("deadnet", [subnet], lease_root=roots["lease_root"], owner_pid=child.pid,
                               host_nets=[])
     unheld, held = f"vt{secrets.token_hex(6)}", f"vt{secrets.token_hex(6)}"
-    orphan_bridge = lz.bridge_name(IPv4Network(f"10.219.{204 + secrets.randbelow(50)}.0/24"))
+    orphan_bridge = subnets.bridge_name(IPv4Network(f"10.219.{204 + secrets.randbelow(50)}.0/24"))
     held_fd = None
     try:
         nw.ensure_bridge(stale.bridge, stale.subnet)
