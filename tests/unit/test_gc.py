@@ -24,6 +24,7 @@ from pytest_vmfork import cli
 from pytest_vmfork.cli import doctor
 from pytest_vmfork.host import procid
 from pytest_vmfork.janitor import gc as gcmod
+from pytest_vmfork.janitor import links as gc_links
 from pytest_vmfork.net import leases as lz
 from pytest_vmfork.net import network as nw
 
@@ -426,7 +427,7 @@ def test_gc_at_session_start_is_time_bounded(roots, dead):
 
 def test_vmfork_gc_command_prints_what_it_removed(roots, dead, monkeypatch, capsys):
     build_world(roots, dead)
-    monkeypatch.setattr(gcmod, "_links", dict)  # no host-wide link sweep from a unit test
+    monkeypatch.setattr(gc_links, "host_links", dict)  # no host-wide link sweep from a unit test
     monkeypatch.setattr(tempfile, "tempdir", str(roots["run_root"].parent))  # base_dir() = <tmp>/vmfork-<uid>
     roots["run_root"].rename(roots["run_root"].parent / f"vmfork-{os.getuid()}")
     args = ["gc", f"--lease-dir={roots['lease_root']}", f"--cache-dir={roots['cache_dir']}"]
