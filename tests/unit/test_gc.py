@@ -279,6 +279,14 @@ def test_a_vmm_without_handles_belongs_to_its_parent(roots):
 # --- leases --------------------------------------------------------------------------------
 
 
+ABANDON_RECLAIM = """
+import os, sys
+from pytest_vmfork.net import leases as lz
+lease = lz.acquire_subnet("older", sys.argv[2], lease_root=sys.argv[1], host_nets=[])
+lz.release_subnet(lease, teardown=lambda: os._exit(0))  # dies after its tombstone, before finishing
+"""
+
+
 def test_stale_leases_tombstones_and_run_lease_dirs_are_removed_live_ones_kept(roots):
     lease_root = roots["lease_root"]
     child = subprocess.Popen(["sleep", "60"])
@@ -287,8 +295,7 @@ def test_stale_leases_tombstones_and_run_lease_dirs_are_removed_live_ones_kept(r
     live = lz.acquire_subnet("liverun", POOL, lease_root=lease_root, host_nets=[])
     lz.RunLeases("liverun", live.subnet, lease_root).allocate("f-live")
     # an abandoned reclaim: its reclaimer died half-way
-    lz._tombstone(lz.host_lease_dir(lease_root), POOL[3], {"run_id": "older", "subnet": str(POOL[3])},
-                  "released", (child.pid, start_of(child.pid)))
+    subprocess.run([sys.executable, "-c", ABANDON_RECLAIM, str(lease_root), str(POOL[3])], check=True)
     # a per-run directory without any lease: dead fork entries only / a live one
     lz.RunLeases("orphan", POOL[2], lease_root).allocate("f-x", owner_pid=child.pid)
     lz.RunLeases("busy", POOL[2], lease_root).allocate("f-y")
