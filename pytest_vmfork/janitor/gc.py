@@ -48,6 +48,8 @@ SESSION_START_BUDGET_S = 2.0
 
 
 def _run_dirs(sw: Sweep) -> None:
+    if not sw.run_root_trusted or not sw.run_root.is_dir():
+        return  # nothing of a missing or untrusted run root is acted on, kept VMs neither
     runs.sweep(sw)
     if sw.include_kept:  # <run root>/kept/ and kept snapshots only when asked
         kept.sweep(sw)
