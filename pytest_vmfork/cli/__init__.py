@@ -182,6 +182,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     """List the cache's entries, or prune them (``vmfork cache prune``)."""
     from pytest_vmfork.host import cache
+    from pytest_vmfork.janitor.prune import prune
 
     if args.action is None:
         print(cache.format_entries(cache.list_entries(args.cache_dir)))
@@ -191,7 +192,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if older is None and size is None and not args.orphans:
         raise ConfigError("vmfork cache prune needs --older-than AGE (e.g. 30d), --max-size SIZE (e.g. 10G) "
                           "or --orphans (only entries whose dependants are gone)")
-    print(cache.prune(args.cache_dir, older_than=older, max_size=size, dry_run=args.dry_run).format())
+    print(prune(args.cache_dir, older_than=older, max_size=size, dry_run=args.dry_run).format())
     return 0
 
 

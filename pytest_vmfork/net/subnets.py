@@ -30,6 +30,7 @@ MAC_PREFIX = "52:54"  # 0x52: locally administered, unicast
 
 _PRIVATE = tuple(IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 _BRIDGE_RE = re.compile(rf"{BRIDGE_PREFIX}[0-9a-f]{{8}}")
+_TAP_RE = re.compile(rf"{TAP_PREFIX}[0-9a-f]{{12}}")
 
 
 # --- names --------------------------------------------------------------------
@@ -45,6 +46,11 @@ def is_bridge_name(name: object) -> bool:
     """Whether ``name`` has the shape of :func:`bridge_name`'s names: a recorded
     bridge is deleted only if it does, never an arbitrary interface."""
     return isinstance(name, str) and _BRIDGE_RE.fullmatch(name) is not None
+
+
+def is_tap_name(name: object) -> bool:
+    """Whether ``name`` has the shape of :func:`tap_name`'s names (gc deletes no other TAP)."""
+    return isinstance(name, str) and _TAP_RE.fullmatch(name) is not None
 
 
 def tap_name(subnet: IPv4Network, index: int) -> str:

@@ -20,9 +20,9 @@ import pytest
 
 from pytest_vmfork.errors import ConfigError
 from pytest_vmfork.host import private
-from pytest_vmfork.host.cache import enforce_max_size
 from pytest_vmfork.host.run import Run, new_run_id
 from pytest_vmfork.janitor.gc import gc_at_session_start
+from pytest_vmfork.janitor.prune import enforce_max_size
 from pytest_vmfork.plugin.options import OPTIONS, resolve_settings
 from pytest_vmfork.plugin.session import ITEM_VMS, VMForkSession
 from pytest_vmfork.plugin.stats import RunStats

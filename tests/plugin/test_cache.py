@@ -15,6 +15,7 @@ import pytest
 
 from pytest_vmfork.cli import main as vmfork_main
 from pytest_vmfork.host import cache
+from pytest_vmfork.janitor.prune import prune
 from pytest_vmfork.vm.snapshot import Snapshot
 
 from .suites import CONFTEST, finish
@@ -72,14 +73,14 @@ def test_prune_by_size_removes_least_recently_used_first_and_dependants_before_i
     sizes = {e.path: e.disk_bytes for e in cache.list_entries(tmp_path / "c")}
     keep = sizes[entries["snapshot"]] + sizes[entries["image"]]
 
-    dry = cache.prune(tmp_path / "c", max_size=keep, dry_run=True)
+    dry = prune(tmp_path / "c", max_size=keep, dry_run=True)
     assert [i.entry.path for i in dry.removed] == [entries["stale"]] and entries["stale"].exists()
 
-    report = cache.prune(tmp_path / "c", max_size=keep)
+    report = prune(tmp_path / "c", max_size=keep)
     assert [i.entry.path for i in report.removed] == [entries["stale"]]
     assert report.size_after <= keep and report.freed == sizes[entries["stale"]]
 
-    report = cache.prune(tmp_path / "c", max_size=0)
+    report = prune(tmp_path / "c", max_size=0)
     assert [i.entry.kind for i in report.removed] == ["snapshot", "image"]  # never an image before its snapshot
     assert not entries["snapshot"].exists() and not entries["image"].exists()
 
@@ -132,7 +133,7 @@ def test_a_prune_during_a_running_suite_leaves_its_entries_alone_and_removes_the
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "the inner suite's first VM never came up"
             time.sleep(0.2)
-        report = cache.prune(tmp_path / "c", older_than=DAY, max_size=0)
+        report = prune(tmp_path / "c", older_than=DAY, max_size=0)
     finally:
         go.write_text("go")
     code, out = finish(proc, RUN_TIMEOUT)

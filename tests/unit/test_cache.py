@@ -17,6 +17,7 @@ from filelock import FileLock
 from pytest_vmfork.cli import main as vmfork_main
 from pytest_vmfork.errors import ConfigError
 from pytest_vmfork.host import cache
+from pytest_vmfork.janitor.prune import prune
 from pytest_vmfork.plugin.options import resolve_settings
 from pytest_vmfork.vm.accel import short_reason
 
@@ -90,7 +91,7 @@ def test_entries_whose_dependants_are_gone_are_pruned(tmp_path) -> None:
     entries = make_cache(tmp_path)
     orphan_root = make_entry(tmp_path, "root", "o" * 64, {"spec": {}})
     broken = make_entry(tmp_path, "snapshot", "b" * 24, {"image_key": "gone" * 16})
-    report = cache.prune(tmp_path, older_than=None)
+    report = prune(tmp_path, older_than=None)
     assert {i.entry.path: i.reason for i in report.removed} == {
         broken: "its image gonegonegone is gone", orphan_root: "no image uses this Debian root"}
     assert all(p.is_dir() for p in entries.values())
@@ -100,8 +101,8 @@ def test_a_root_is_kept_while_an_image_build_holds_its_lock(tmp_path) -> None:
     orphan_root = make_entry(tmp_path, "root", "o" * 64, {"spec": {}})
     (tmp_path / "images").mkdir()
     with FileLock(str(tmp_path / "images" / f"{'n' * 64}.lock")):  # an image being built may want this root
-        assert cache.prune(tmp_path).removed == []
-    assert [i.entry.path for i in cache.prune(tmp_path).removed] == [orphan_root]
+        assert prune(tmp_path).removed == []
+    assert [i.entry.path for i in prune(tmp_path).removed] == [orphan_root]
 
 
 HOLDER = """
@@ -120,14 +121,14 @@ def test_an_entry_a_live_process_uses_is_left_alone_until_the_process_is_gone(tm
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout and holder.stdout.readline() == "held\n"
-        report = cache.prune(tmp_path, max_size=0)
+        report = prune(tmp_path, max_size=0)
         reasons = {i.entry.kind: i.reason for i in report.skipped}
         assert reasons["snapshot"] == "in use by a running process (a pytest run or a vmfork command)"
         assert reasons["image"].startswith("still needed by snapshot")
         assert [i.entry.kind for i in report.removed] == []  # the root: still needed by the image
     finally:
         holder.communicate("\n", timeout=30)
-    report = cache.prune(tmp_path, max_size=0)  # the holder exited: its lock went with it
+    report = prune(tmp_path, max_size=0)  # the holder exited: its lock went with it
     assert [i.entry.kind for i in report.removed] == ["snapshot", "image", "root"]
     assert not any(p.exists() for p in entries.values())
     assert not cache.stamp_path(entries["snapshot"]).exists()
@@ -135,7 +136,7 @@ def test_an_entry_a_live_process_uses_is_left_alone_until_the_process_is_gone(tm
 
 def test_recording_a_use_of_a_pruned_entry_says_it_is_gone(tmp_path) -> None:
     entries = make_cache(tmp_path)
-    cache.prune(tmp_path, max_size=0)
+    prune(tmp_path, max_size=0)
     assert cache.record_use(entries["snapshot"]) is False
 
 
@@ -163,5 +164,5 @@ def test_a_prune_drops_the_stamps_of_entries_removed_by_other_means(tmp_path) ->
     assert cache.record_use(entries["snapshot"])
     cache.release_all()
     shutil.rmtree(entries["snapshot"])  # as layer.discard or vmfork gc --kept do
-    cache.prune(tmp_path, older_than=30 * DAY)
+    prune(tmp_path, older_than=30 * DAY)
     assert not cache.stamp_path(entries["snapshot"]).exists()

@@ -24,6 +24,7 @@ from pytest_vmfork import cli
 from pytest_vmfork.cli import doctor
 from pytest_vmfork.host import procid
 from pytest_vmfork.janitor import gc as gcmod
+from pytest_vmfork.janitor import links as gc_links
 from pytest_vmfork.net import leaseroot, subnets
 from pytest_vmfork.net import leases as lz
 from pytest_vmfork.net import network as nw
@@ -280,6 +281,14 @@ def test_a_vmm_without_handles_belongs_to_its_parent(roots):
 # --- leases --------------------------------------------------------------------------------
 
 
+ABANDON_RECLAIM = """
+import os, sys
+from pytest_vmfork.net import leases as lz
+lease = lz.acquire_subnet("older", sys.argv[2], lease_root=sys.argv[1], host_nets=[])
+lz.release_subnet(lease, teardown=lambda: os._exit(0))  # dies after its tombstone, before finishing
+"""
+
+
 def test_stale_leases_tombstones_and_run_lease_dirs_are_removed_live_ones_kept(roots):
     lease_root = roots["lease_root"]
     child = subprocess.Popen(["sleep", "60"])
@@ -288,8 +297,7 @@ def test_stale_leases_tombstones_and_run_lease_dirs_are_removed_live_ones_kept(r
     live = lz.acquire_subnet("liverun", POOL, lease_root=lease_root, host_nets=[])
     RunLeases("liverun", live.subnet, lease_root).allocate("f-live")
     # an abandoned reclaim: its reclaimer died half-way
-    lz.write_tombstone(leaseroot.host_lease_dir(lease_root), POOL[3], {"run_id": "older", "subnet": str(POOL[3])},
-                  "released", (child.pid, start_of(child.pid)))
+    subprocess.run([sys.executable, "-c", ABANDON_RECLAIM, str(lease_root), str(POOL[3])], check=True)
     # a per-run directory without any lease: dead fork entries only / a live one
     RunLeases("orphan", POOL[2], lease_root).allocate("f-x", owner_pid=child.pid)
     RunLeases("busy", POOL[2], lease_root).allocate("f-y")
@@ -428,7 +436,7 @@ def test_gc_at_session_start_is_time_bounded(roots, dead):
 
 def test_vmfork_gc_command_prints_what_it_removed(roots, dead, monkeypatch, capsys):
     build_world(roots, dead)
-    monkeypatch.setattr(gcmod, "_links", dict)  # no host-wide link sweep from a unit test
+    monkeypatch.setattr(gc_links, "host_links", dict)  # no host-wide link sweep from a unit test
     monkeypatch.setattr(tempfile, "tempdir", str(roots["run_root"].parent))  # base_dir() = <tmp>/vmfork-<uid>
     roots["run_root"].rename(roots["run_root"].parent / f"vmfork-{os.getuid()}")
     args = ["gc", f"--lease-dir={roots['lease_root']}", f"--cache-dir={roots['cache_dir']}"]
