@@ -153,7 +153,8 @@ def _tail(text: str, lines: int = 8) -> str:
     return " | ".join(text.strip().splitlines()[-lines:]) or "(no output)"
 
 
-def _unknown_packages(text: str) -> list[str]:
+def unknown_packages(text: str) -> list[str]:
+    """The package names apt said it cannot find, from its output: the error names them."""
     return sorted(set(re.findall(r"Unable to locate package (\S+)", text))
                   | set(re.findall(r"Package '?([^' ]+)'? has no installation candidate", text)))
 
@@ -205,7 +206,7 @@ def build_tarball(*, packages: Sequence[str], mode: BuildMode, apt: AptConfig, o
                               f"sources ({apt.origin}) are reachable") from exc
     if res.returncode != 0:
         output = res.stderr + res.stdout
-        if unknown := _unknown_packages(output):
+        if unknown := unknown_packages(output):
             raise ImageBuildError(
                 f"Debian has no package {', '.join(repr(u) for u in unknown)} in {GUEST_SUITE} "
                 f"(sources: {apt.origin}); fix the name in Template(packages=...) "

@@ -88,7 +88,8 @@ def has_net_admin() -> bool:
     return False
 
 
-def _link_index(name: str) -> int | None:
+def link_index(name: str) -> int | None:
+    """The interface's index, None if there is no such interface."""
     try:
         return socket.if_nametoindex(name)
     except OSError:
@@ -96,7 +97,7 @@ def _link_index(name: str) -> int | None:
 
 
 def link_exists(name: str) -> bool:
-    return _link_index(name) is not None
+    return link_index(name) is not None
 
 
 def delete_link(name: str) -> bool:
@@ -142,7 +143,7 @@ def ensure_bridge(name: str, subnet: IPv4Network) -> None:
                         ) from None
                     if code != errno.EEXIST:
                         raise VMForkError(f"creating bridge {name} failed: {exc}") from exc
-            index = _link_index(name)
+            index = link_index(name)
             if index is None:
                 raise VMForkError(f"bridge {name} vanished while it was being set up")
             link = ipr.get_links(index)[0]
@@ -288,7 +289,7 @@ def open_tap(name: str, bridge: str) -> int:
     """
     if not isinstance(name, str) or not 0 < len(name.encode()) <= subnets.IFNAMSIZ or "/" in name:
         raise ConfigError(f"invalid TAP name {name!r}: use 1-{subnets.IFNAMSIZ} characters without '/'")
-    bridge_index = _link_index(bridge)
+    bridge_index = link_index(bridge)
     if bridge_index is None:
         raise VMForkError(f"bridge {bridge} does not exist; bring the run network up first")
     try:
@@ -310,7 +311,7 @@ def open_tap(name: str, bridge: str) -> int:
                     "holds it?); release a fork's lease only after its QEMU has exited"
                 ) from None
             raise VMForkError(f"creating TAP {name} failed: {exc.strerror}") from exc
-        index = _link_index(name)
+        index = link_index(name)
         if index is None:
             raise VMForkError(f"TAP {name} was created but has no interface index")
 

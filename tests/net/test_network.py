@@ -52,7 +52,7 @@ needs_root = pytest.mark.skipif(_why_no_kernel_objects() is not None, reason=str
 
 def link(name: str) -> dict | None:
     """What the kernel says about interface ``name`` (None if absent)."""
-    index = nw._link_index(name)
+    index = nw.link_index(name)
     if index is None:
         return None
     with IPRoute() as ipr:
@@ -112,7 +112,7 @@ def fake_fork(net: nw.RunNetwork, fork: forkleases.ForkLease,
     try:
         with IPRoute() as ipr:
             ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
-            ipr.link("set", index=nw._link_index(host_if), master=nw._link_index(net.bridge), state="up")
+            ipr.link("set", index=nw.link_index(host_if), master=nw.link_index(net.bridge), state="up")
         with NetNS(ns) as nsr:
             eth0 = nsr.link_lookup(ifname="eth0")[0]
             nsr.link("set", index=eth0, address=fork.mac)

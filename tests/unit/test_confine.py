@@ -54,6 +54,14 @@ def test_root_keeps_uid_0_only_when_asked_and_says_so():
         confine.check_user("vmfork-nosuchuser")
 
 
+def exists(kind: str, name: str) -> bool:
+    try:
+        (pwd.getpwnam if kind == "user" else grp.getgrnam)(name)
+    except KeyError:
+        return False
+    return True
+
+
 @pytest.fixture
 def throwaway_default(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh name standing in for vmfork-qemu (user and group), deleted afterwards."""
@@ -62,7 +70,7 @@ def throwaway_default(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     yield name
     subprocess.run(["userdel", name], capture_output=True, check=False)
     subprocess.run(["groupdel", name], capture_output=True, check=False)
-    assert confine._user_named(name) is None and confine._group_named(name) is None
+    assert not exists('user', name) and not exists('group', name)
 
 
 CREATE = """
@@ -98,7 +106,7 @@ def test_a_configured_user_gets_the_ram_group_and_a_granted_file_opens_for_it(th
                    capture_output=True)
     try:
         user = confine.resolve(other)  # creates the RAM group, not the default user
-        assert confine._user_named(name) is None and user.ram_gid == grp.getgrnam(name).gr_gid
+        assert not exists('user', name) and user.ram_gid == grp.getgrnam(name).gr_gid
         assert user.uid == pwd.getpwnam(other).pw_uid and user.ram_gid in user.groups
         ram = tmp_path / "memory.ram"
         ram.write_bytes(b"x")

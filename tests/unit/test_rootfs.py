@@ -52,4 +52,4 @@ def test_root_mode_runs_mmdebstrap_in_a_mount_namespace_of_its_own(tmp_path: Pat
 
 def test_unknown_packages_are_picked_out_of_apt_errors() -> None:
     text = "E: Unable to locate package nosuch-pkg\nE: Package 'gone' has no installation candidate\n"
-    assert rootfs._unknown_packages(text) == ["gone", "nosuch-pkg"]
+    assert rootfs.unknown_packages(text) == ["gone", "nosuch-pkg"]
