@@ -219,11 +219,11 @@ class ForkEngine:
         (timed from ``since``, the request): the network is handed over and the
         ``acks`` (mailbox name -> timeout) are awaited. Any failure leaves the
         fork failed."""
-        if self.lifecycle.state is VMState.RUNNING:
-            self.stop()
-        self.lifecycle.check("resume", VMState.LOADED, VMState.PAUSED)
+        self.lifecycle.check("resume", VMState.LOADED, VMState.PAUSED, VMState.RUNNING)
         t0 = time.monotonic() if since is None else since
         try:
+            if self.lifecycle.state is VMState.RUNNING:
+                self.stop()
             self._resume(t0, payloads, acks or {}, ready_timeout, handoff_timeout, after)
         except BaseException:
             self.fail()
