@@ -30,6 +30,7 @@ from pytest_vmfork.vm.pool import WarmPool
 from pytest_vmfork.vm.process import Process
 from pytest_vmfork.vm.registry import snapshot_for
 from pytest_vmfork.vm.snapshot import Snapshot, SnapshotStore
+from pytest_vmfork.vm.state import VMState
 from pytest_vmfork.vm.template import Template
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "Template",
     "VM",
     "VMForkError",
+    "VMState",
     "WarmPool",
     "fork",
     "snapshot_for",

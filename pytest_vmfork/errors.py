@@ -96,9 +96,16 @@ class AgentTimeout(GuestError, TimeoutError):
 
 
 class StateError(VMForkError):
-    """The VM is not in a state that allows this operation."""
+    """The VM is not in a state that allows this operation (pytest_vmfork.vm.state).
 
-    def __init__(self, operation: str, state: str, required: str) -> None:
-        super().__init__(f"cannot {operation}: VM is {state}, needs {required}")
+    The message names the state it was in and the one(s) the operation needs:
+    ``cannot exec: VM 'f-1' is closed; exec needs running``."""
+
+    def __init__(self, operation: str, state: str, required: str | tuple[str, ...], *, vm: str | None = None) -> None:
+        need = required if isinstance(required, str) else " or ".join(required)
+        who = f"VM {vm!r}" if vm else "VM"
+        super().__init__(f"cannot {operation}: {who} is {state}; {operation} needs {need}")
+        self.operation = operation
         self.state = state
         self.required = required
+        self.vm = vm

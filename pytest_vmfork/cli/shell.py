@@ -20,11 +20,11 @@ import tty
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Sequence
 
-from pytest_vmfork.errors import ConfigError, StateError
+from pytest_vmfork.errors import ConfigError
 from pytest_vmfork.proto import agent_pb2 as pb
 
 if TYPE_CHECKING:
-    from pytest_vmfork.vm.fork import VM
+    from pytest_vmfork.vm.handle import VM
 
 READ_CHUNK = 4096
 
@@ -41,11 +41,8 @@ def window_size(fd: int) -> tuple[int, int]:
 def interactive(vm: "VM", argv: Sequence[str] | None = None, *, stdin_fd: int = 0, stdout_fd: int = 1) -> int:
     """Run ``argv`` (default: the guest's login shell) on a guest PTY attached to
     this terminal until it exits; returns its exit status."""
-    if vm.state != "running":
-        raise StateError("shell", vm.state, "running")
     if argv is not None and (not argv or not all(isinstance(a, str) for a in argv)):
         raise ConfigError(f"shell argv must be a non-empty list of strings, got {argv!r}")
-    assert vm._agent is not None
     inputs: queue.Queue[pb.ShellInput | None] = queue.Queue()
     rows, cols = window_size(stdout_fd)
     inputs.put(pb.ShellInput(argv=list(argv or ()), rows=rows, cols=cols, term=os.environ.get("TERM", "xterm")))
@@ -74,10 +71,11 @@ def interactive(vm: "VM", argv: Sequence[str] | None = None, *, stdin_fd: int = 
     previous = signal.signal(signal.SIGWINCH, resized) if on_main else None
     code = 255
     try:
+        outputs = vm.shell(requests())  # StateError unless running; sends the first input now
         if saved is not None:
             tty.setraw(stdin_fd)
         threading.Thread(target=keyboard, name=f"vmfork-shell-{vm.name}", daemon=True).start()
-        for out in vm._agent.shell(requests()):
+        for out in outputs:
             if out.data:
                 os.write(stdout_fd, out.data)
             if out.exited:

@@ -29,6 +29,7 @@ from pytest_vmfork.vm.layer import discard, layer_key, run_layers
 from pytest_vmfork.vm.pool import WarmPool
 from pytest_vmfork.vm.registry import SnapshotRegistry
 from pytest_vmfork.vm.snapshot import Snapshot, incompatibility, record_use
+from pytest_vmfork.vm.state import VMState
 from pytest_vmfork.vm.template import Template
 
 #: the VMs a test item made (the ``vm`` fixture, ``vm_factory``), for failure reports and kept VMs
@@ -159,10 +160,10 @@ class VMForkSession:
                        handoff_timeout=self.settings.handoff_timeout)
         try:
             setup(machine)
-            if machine.state != "running":
+            if machine.state is not VMState.RUNNING:
                 raise ConfigError(f"layer {label}: its setup left the VM {machine.state}; leave it running")
-            snap = machine._save(name=name, resume=False, key=lkey,
-                                 extra={"layer": label, "layer_key": lkey, "ephemeral": ephemeral})
+            snap = machine.save(name=name, resume=False, key=lkey,
+                                extra={"layer": label, "layer_key": lkey, "ephemeral": ephemeral})
         finally:
             machine.close()
         t = machine.timings
@@ -198,13 +199,13 @@ class VMForkSession:
 
     def _keep_snapshot(self, vm: VM, node: pytest.Item | None) -> Snapshot | None:
         """Save a failed test's running fork as a kept snapshot; None if it cannot be."""
-        if vm.state != "running" or node is None:
+        if vm.state is not VMState.RUNNING or node is None:
             return None
         made = node.stash.get(ITEM_VMS, [])
         index = made.index(vm) if vm in made else 0
         key, name = kept_identity(node.nodeid, index)
         try:
-            return vm._save(name=name, resume=False, key=key, extra={
+            return vm.save(name=name, resume=False, key=key, extra={
                 "ephemeral": False,
                 "kept": {"test": node.nodeid, "run_id": self.run.run_id, "vm": vm.name},
             })

@@ -37,7 +37,7 @@ from filelock import FileLock
 
 from pytest_vmfork.errors import ConfigError, RestoreError
 from pytest_vmfork.vm import migstream
-from pytest_vmfork.vm.snapshot import MANIFEST, Snapshot, _sha256, machine_record, publish, verify_files
+from pytest_vmfork.vm.snapshot import MANIFEST, Snapshot, entry_files, machine_record, publish, staged_entry
 from pytest_vmfork.vm.vmm import QemuProcess
 
 #: Bumped when what a layer's files hold changes (2: saved from NICs without a
@@ -87,20 +87,12 @@ def save_running(
     final = snapshots / key
     t0 = time.monotonic()
     with FileLock(str(final) + ".lock"):
-        staging = snapshots / f".staging-{key}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
+        with staged_entry(final) as staging:
             stats = _migrate_split(qemu, staging, parent.machine.memory_mib * 1024 * 1024)
             save_ms = (time.monotonic() - t0) * 1000
             manifest = _manifest(parent, key, name, run_id, staging, final, stats, extra or {})
-            problems = verify_files(final, manifest, memory_dir=staging)
-            if problems:
-                raise RestoreError(f"snapshot of {qemu.name} failed verification: {'; '.join(problems)}")
-            publish(staging, final, manifest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            publish(staging, final, manifest,
+                    failure=lambda why: RestoreError(f"snapshot of {qemu.name} failed verification: {why}"))
     snap = Snapshot.load(final, cache_hit=False)
     disk = sum(p.stat().st_blocks * 512 for p in (snap.memory_path, snap.state_path))
     return snap, {
@@ -171,7 +163,6 @@ def _manifest(
         k: v for k, v in parent.manifest.items()
         if k not in ("key", "run_id", "created", "files", "boot_s", "build_s", "name", "parent", "depth")
     }
-    state = staging / "state.bin"
     manifest.update(
         key=key,
         name=name,
@@ -181,10 +172,7 @@ def _manifest(
         root=parent.manifest.get("root", parent.key),  # the template snapshot at the chain's start
         depth=int(parent.manifest.get("depth", 0)) + 1,
         machine=machine_record(m, final),  # relative to this entry, like a template snapshot's
-        files={
-            "state.bin": {"size": state.stat().st_size, "sha256": _sha256(state)},
-            "memory.ram": {"size": (staging / "memory.ram").stat().st_size},
-        },
+        files=entry_files(staging),
         ram_pages=stats.pages,
         boot_s=0.0,
         build_s=0.0,

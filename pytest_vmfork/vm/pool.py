@@ -7,7 +7,7 @@ import time
 
 from pytest_vmfork.errors import ConfigError
 from pytest_vmfork.host.run import Run
-from pytest_vmfork.vm.fork import DEFAULT_HANDOFF_TIMEOUT, DEFAULT_READY_TIMEOUT, VM, Network
+from pytest_vmfork.vm.restore import DEFAULT_HANDOFF_TIMEOUT, DEFAULT_READY_TIMEOUT, ForkEngine, Network
 from pytest_vmfork.vm.snapshot import Snapshot
 
 
@@ -19,10 +19,10 @@ class WarmPool:
     lean channel a first exec ~200 ms, a later one ~40 ms: make bench). The
     pool's forks pay that before any request: spawned, device state loaded,
     resumed once with no payloads, one
-    command run (:meth:`VM._prewarm`). A request stops one, patches its
+    command run (:meth:`ForkEngine.prewarm`). A request stops one, patches its
     payloads, entropy, clock and generation in and resumes it (its network
     handoff too), like ``vm.deliver()``. Bounded (``size``), refilled by a
-    background thread, closed like any VM (pooled QEMUs carry PR_SET_PDEATHSIG).
+    background thread, closed like any fork (pooled QEMUs carry PR_SET_PDEATHSIG).
     An empty pool means a cold fork, never a wait.
 
     It pays even when the suite is CPU-bound: a translation the pre-warm does is
@@ -38,7 +38,7 @@ class WarmPool:
             raise ConfigError(f"pool size {size!r}: use 0 to 8 pre-started forks")
         self.snapshot, self.run, self.network, self.size = snapshot, run, network, size
         self.ready_timeout, self.handoff_timeout = ready_timeout, handoff_timeout
-        self._ready: list[VM] = []
+        self._ready: list[ForkEngine] = []
         self._filling = bool(size)  # a VM is being restored and pre-warmed (the first: from the start)
         self._cond = threading.Condition()
         self._closed = False
@@ -48,8 +48,8 @@ class WarmPool:
         if size:
             self._thread.start()
 
-    def take(self, snapshot: Snapshot, network: Network) -> VM | None:
-        """A pre-warmed VM for this snapshot and network, or None (fork cold).
+    def take(self, snapshot: Snapshot, network: Network) -> ForkEngine | None:
+        """A pre-warmed fork's engine for this snapshot and network, or None (fork cold).
 
         When none is ready but one is being pre-warmed, wait for it (at most
         ``ready_timeout``): it started before this request, so it is ready
@@ -63,15 +63,15 @@ class WarmPool:
         with self._cond:
             self._cond.wait_for(lambda: self._ready or not self._filling or self._closed,
                                 timeout=self.ready_timeout)
-            vm = self._ready.pop(0) if self._ready else None
+            engine = self._ready.pop(0) if self._ready else None
             self._cond.notify_all()  # the filler: room for the next one
-        if vm is None:
+        if engine is None:
             return None
-        if not vm.alive():
-            vm.close()
+        if not engine.alive():
+            engine.close()
             return None
-        vm.timings["pool_wait_ms"] = round((time.monotonic() - t0) * 1000, 2)
-        return vm
+        engine.timings["pool_wait_ms"] = round((time.monotonic() - t0) * 1000, 2)
+        return engine
 
     def _fill(self) -> None:
         while True:
@@ -81,25 +81,31 @@ class WarmPool:
                     return
                 self._filling = True
             name, workdir = self.run.new_vm_dir("p")
-            vm = VM(name, self.snapshot, self.run, workdir)
+            engine = ForkEngine(name, self.snapshot, self.run, workdir)
             try:
-                vm._prepare(self.network)
-                vm._prewarm(self.ready_timeout, self.handoff_timeout)
+                engine.prepare(self.network)
+                engine.prewarm(self.ready_timeout, self.handoff_timeout)
             except Exception as exc:
                 self.failures += 1  # a broken pool must not spin; forks then start cold
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                vm.close()
-                vm = None
+                engine.close()
+                engine = None
             with self._cond:
                 self._filling = False
-                if vm is not None:
+                if engine is not None:
                     if self._closed:
-                        vm.close()
+                        engine.close()
                         return
-                    self._ready.append(vm)
+                    self._ready.append(engine)
                 self._cond.notify_all()
 
+    def ready_pids(self) -> list[int]:
+        """The QEMU pids of the forks waiting in the pool, oldest first."""
+        with self._cond:
+            return [e.pid for e in self._ready if e.pid is not None]
+
     def close(self) -> None:
+        """Stop refilling and close every fork still waiting."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -107,5 +113,5 @@ class WarmPool:
             self._thread.join(30)
         with self._cond:
             ready, self._ready = self._ready, []
-        for vm in ready:
-            vm.close()
+        for engine in ready:
+            engine.close()

@@ -21,10 +21,10 @@ from typing import Iterator, Mapping, Sequence
 
 from pytest_vmfork.errors import ConfigError, GuestError, GuestFileError, ProcessTimeout, StateError
 from pytest_vmfork.proto import agent_pb2 as pb
+from pytest_vmfork.vm import command
 from pytest_vmfork.vm.agent import AgentClient
 
 DEFAULT_OUTPUT_LIMIT = 1 << 20  # bytes kept per stream
-MAX_OUTPUT_LIMIT = 64 << 20  # guest/agent.py MAX_OUTPUT_LIMIT
 DEFAULT_TIMEOUT = 60.0
 POLL_S = 5.0  # one long poll; a wait is a series of these
 RPC_GRACE_S = 10.0
@@ -48,7 +48,7 @@ def describe_status(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
-class _Output:
+class OutputBuffer:
     """The newest ``limit`` bytes of one stream and the absolute offsets they cover."""
 
     def __init__(self, name: str, limit: int) -> None:
@@ -93,8 +93,8 @@ class Process:
         self.vm_name = vm_name
         self.output_limit = output_limit
         self.returncode: int | None = None
-        self._out = _Output("stdout", output_limit)
-        self._err = _Output("stderr", output_limit)
+        self._out = OutputBuffer("stdout", output_limit)
+        self._err = OutputBuffer("stderr", output_limit)
         self._lock = threading.Lock()
         self._drained = False  # exited and every byte it printed has been received
         self._closed = False  # its fork is gone
@@ -122,13 +122,15 @@ class Process:
                 complete = state.stdout_total <= self._out.end and state.stderr_total <= self._err.end
                 self._drained = complete
 
-    def _forget(self) -> None:
-        """Called when the fork closes: the process died with it."""
+    def forget(self) -> None:
+        """Its fork closed (``vm.close()`` calls this): the process died with it, and
+        every later call answers from what was received or raises StateError."""
         self._closed = True
 
     def _require_running_vm(self, op: str) -> None:
         if self._closed:
-            raise StateError(f"{op} process {self.pid}", "closed", "running (the process died with its fork)")
+            raise StateError(f"{op} process {self.pid}", "closed", "running (the process died with its fork)",
+                             vm=self.vm_name)
 
     # --- public API -------------------------------------------------------------
 
@@ -258,21 +260,10 @@ def spawn(
     output_limit: int,
 ) -> Process:
     """Validate, start the program in the guest, return its handle."""
-    if isinstance(argv, str):
-        argv = ["/bin/sh", "-c", argv]
-    argv = list(argv)
-    if not argv or not all(isinstance(a, str) for a in argv):
-        raise ConfigError(f"spawn argv must be a non-empty list of strings (or one shell string), got {argv!r}")
-    if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in dict(env).items()):
-        raise ConfigError("spawn env must map str to str")
-    if cwd is not None and not isinstance(cwd, str):
-        raise ConfigError(f"spawn cwd={cwd!r} must be a guest path string")
-    if isinstance(stdin, str):
-        stdin = stdin.encode()
-    if stdin is not None and not isinstance(stdin, (bytes, bytearray)):
-        raise ConfigError(f"spawn stdin must be bytes or str (written, then closed), got {type(stdin).__name__}")
-    if isinstance(output_limit, bool) or not isinstance(output_limit, int) or not 1 <= output_limit <= MAX_OUTPUT_LIMIT:
-        raise ConfigError(f"spawn output_limit={output_limit!r}: use bytes from 1 to {MAX_OUTPUT_LIMIT}")
+    argv = command.argv_of("spawn", argv)
+    command.check_env_cwd("spawn", env, cwd)
+    stdin = command.stdin_bytes("spawn", "stdin", stdin)
+    command.check_output_limit("spawn", output_limit)
     req = pb.SpawnRequest(argv=argv, env=dict(env or {}), cwd=cwd or "", stdin=bytes(stdin or b""),
                           has_stdin=stdin is not None, output_limit=output_limit)
     try:

@@ -18,6 +18,7 @@ private mapping would otherwise see its later writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from filelock import FileLock
 
@@ -107,7 +108,8 @@ class Snapshot:
         )
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's content (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -131,7 +133,7 @@ def verify_files(directory: Path, manifest: dict[str, Any], *, memory_dir: Path 
             continue
         if size != meta["size"]:
             problems.append(f"{name} is {size} bytes, manifest says {meta['size']}")
-        elif "sha256" in meta and _sha256(path) != meta["sha256"]:
+        elif "sha256" in meta and file_sha256(path) != meta["sha256"]:
             problems.append(f"{name} checksum mismatch")
     if not problems:
         nonce = bytes.fromhex(manifest["nonce"])
@@ -174,10 +176,40 @@ def machine_from_record(directory: Path, m: dict[str, Any]) -> MachineSpec:
     )
 
 
-def publish(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest, seal the staged entry and rename it into place (an old
-    entry under the key is moved aside first; forks running from it keep their files).
-    The caller holds the key's lock."""
+@contextlib.contextmanager
+def staged_entry(final: Path) -> Iterator[Path]:
+    """A fresh staging directory next to the cache entry ``final`` (its name is one
+    gc recognises), removed if the block fails: a crash never leaves half an entry
+    under the key. The block ends with :func:`publish`. The caller holds the key's lock."""
+    staging = final.parent / f".staging-{final.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def entry_files(staging: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files`` of a staged entry: sizes, and the device state's checksum
+    (memory.ram is too large to hash on every load; its mailbox markers are checked)."""
+    state = staging / "state.bin"
+    return {
+        "state.bin": {"size": state.stat().st_size, "sha256": file_sha256(state)},
+        "memory.ram": {"size": (staging / "memory.ram").stat().st_size},
+    }
+
+
+def publish(staging: Path, final: Path, manifest: dict[str, Any], *,
+            failure: Callable[[str], VMForkError]) -> None:
+    """Verify the staged entry against ``manifest`` (``failure(problems)`` is raised if
+    it does not match), write the manifest, seal the entry and rename it into place
+    (an old entry under the key is moved aside first; forks running from it keep
+    their files). The caller holds the key's lock."""
+    problems = verify_files(final, manifest, memory_dir=staging)
+    if problems:
+        raise failure("; ".join(problems))
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     private.seal(staging)
     if final.exists():
@@ -185,6 +217,16 @@ def publish(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
         os.rename(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.rename(staging, final)
+
+
+def ignore_shared(qemu: QemuProcess) -> None:
+    """Migrate device state only: guest RAM stays in (or comes from) the memory file
+    (``x-ignore-shared``), with migration events on (a save and a restore wait on them)."""
+    qemu.cmd(
+        "migrate-set-capabilities",
+        capabilities=[{"capability": "x-ignore-shared", "state": True},
+                      {"capability": "events", "state": True}],
+    )
 
 
 def entry_path(directory: Path, rel: str) -> Path:
@@ -285,15 +327,10 @@ class SnapshotStore:
                 raise ConfigError(f"Template modules={list(template.modules)}: kernel {template.kernel} has no "
                                   "module tree; pass kernel_modules= (its make modules_install tree)")
             img.modules.require(template.modules)
-        staging = final.parent / f".staging-{key}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            manifest = self._boot_and_save(template, img, key, staging, final, run, t0)
-            publish(staging, final, manifest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with staged_entry(final) as staging:
+            manifest, name = self._boot_and_save(template, img, key, staging, final, run, t0)
+            publish(staging, final, manifest,
+                    failure=lambda why: BuildError(f"template {name}: snapshot failed verification: {why}"))
         snap = Snapshot.load(final, cache_hit=False)
         self.progress(
             f"vmfork: snapshot {key} ready (template boot {snap.boot_s:.1f}s, total {snap.build_s:.1f}s)"
@@ -302,7 +339,9 @@ class SnapshotStore:
 
     def _boot_and_save(
         self, template: Template, img: Any, key: str, staging: Path, final_dir: Path, run: Run, t0: float
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], str]:
+        """Boot the template, warm it up, save its device state; (its manifest, the
+        template VM's name)."""
         machine = MachineSpec(
             kernel=img.kernel,
             initrd=img.initrd,
@@ -366,11 +405,7 @@ class SnapshotStore:
             offsets = {m.name: ram_offset(m.guest_phys_addr, memory_bytes) for m in desc.mailboxes}
             # Device state only: RAM stays in the shared file (x-ignore-shared).
             qemu.cmd("stop")
-            qemu.cmd(
-                "migrate-set-capabilities",
-                capabilities=[{"capability": "x-ignore-shared", "state": True},
-                              {"capability": "events", "state": True}],
-            )
+            ignore_shared(qemu)
             qemu.migrate_to_file(staging / "state.bin")
             qemu.wait_migration(timeout=120)
         except VMForkError as exc:
@@ -380,7 +415,6 @@ class SnapshotStore:
         finally:
             qemu.quit()  # the template must never run again
             shutil.rmtree(workdir, ignore_errors=True)
-        state = staging / "state.bin"
         manifest: dict[str, Any] = {
             "key": key,
             "run_id": run.run_id,
@@ -397,17 +431,11 @@ class SnapshotStore:
             "offsets": offsets,
             "mailboxes": list(template.mailboxes),
             "guest_acked": list(template.guest_acked_mailboxes),
-            "files": {
-                "state.bin": {"size": state.stat().st_size, "sha256": _sha256(state)},
-                "memory.ram": {"size": mem_path.stat().st_size},
-            },
+            "files": entry_files(staging),
             "boot_s": round(boot_s, 3),
             "build_s": round(time.monotonic() - t0, 3),
         }
-        problems = verify_files(final_dir, manifest, memory_dir=staging)
-        if problems:
-            raise BuildError(f"template {name}: snapshot failed verification: {'; '.join(problems)}")
-        return manifest
+        return manifest, name
 
 
 def record_use(snapshot: Snapshot) -> bool:

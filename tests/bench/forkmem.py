@@ -198,5 +198,5 @@ def parse_info_jit(text: str) -> dict[str, int]:
 
 def tcg_stats(vm: Any) -> dict[str, int]:
     """``parse_info_jit`` of a running fork ({} under KVM, which has no translator)."""
-    qemu = vm._qemu  # the benchmark's view into the VM's QEMU; not a public API
+    qemu = vm.engine.qemu  # the benchmark's view into the VM's QEMU
     return parse_info_jit(str(qemu.cmd("human-monitor-command", **{"command-line": "info jit"})))

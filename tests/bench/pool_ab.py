@@ -18,16 +18,16 @@ from fixtures.templates import TEST_TEMPLATE
 from pytest_vmfork import Run, SnapshotStore, fork
 from pytest_vmfork.config import Settings
 from pytest_vmfork.net.network import RunNetwork
-from pytest_vmfork.vm.fork import VM
 from pytest_vmfork.vm.pool import WarmPool
+from pytest_vmfork.vm.restore import ForkEngine
 
 MODES = ("prewarm", "loaded", "nopool")
-PREWARM = VM._prewarm
+PREWARM = ForkEngine.prewarm
 
 
 def block(cache: str, mode: str, n: int, work_s: float) -> list[tuple[float, float, float]]:
     """(restore-to-healthy, first exec, fork + first exec) ms of ``n`` forks."""
-    VM._prewarm = PREWARM if mode == "prewarm" else (lambda self, *a: None)  # "loaded": the old pool
+    ForkEngine.prewarm = PREWARM if mode == "prewarm" else (lambda self, *a: None)  # "loaded": the old pool
     run, settings = Run(), Settings()
     net = RunNetwork(run.run_id, pool=settings.subnet_pool, lease_root=settings.lease_dir).up()
     rows = []

@@ -368,7 +368,7 @@ def paused(vm: Any) -> Iterator[None]:
     """The guest stopped (QMP ``stop`` returns once the vCPU is out of guest code): a
     stage boundary every count agrees on. A fork's agent runs on for a few ms after it
     reports ready, translating up to a few hundred blocks during an `info jit` round trip."""
-    qemu = vm._qemu  # the benchmark's view into the VM's QEMU, as forkmem.tcg_stats
+    qemu = vm.engine.qemu  # the benchmark's view into the VM's QEMU, as forkmem.tcg_stats
     qemu.cmd("stop")
     try:
         yield

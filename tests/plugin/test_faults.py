@@ -58,7 +58,7 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 def record(vm, **extra):
-    data = {"name": vm.name, "pid": vm.pid, "tap": vm._lease.tap if vm._lease else None,
+    data = {"name": vm.name, "pid": vm.pid, "tap": vm.tap,
             "run_id": vm.run.run_id, "run_dir": str(vm.run.dir), "test_pid": os.getpid(), **extra}
     tmp = MARK.with_name(MARK.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))

@@ -90,7 +90,7 @@ def udp_echo(vm, payload, within=30.0):
 
 def identity(vm):
     """What the fork has on the network, read from the kernel and the guest."""
-    tap = vm._lease.tap
+    tap = vm.tap
     bridge = os.path.basename(os.readlink(f"/sys/class/net/{tap}/master"))
     with IPRoute() as ipr:
         (addr,) = ipr.get_addr(index=ipr.link_lookup(ifname=bridge)[0], family=socket.AF_INET)
@@ -189,7 +189,7 @@ def test_three_forks(vm_factory):
 
 def test_qemu_killed_mid_test(vm):
     check_echo_and_save("killed", vm)
-    tap = vm._lease.tap
+    tap = vm.tap
     os.kill(vm.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while os.path.exists(f"/sys/class/net/{tap}") and time.monotonic() < deadline:

@@ -11,7 +11,7 @@ import pytest
 from pytest_vmfork.errors import GuestError
 from pytest_vmfork.proto import agent_pb2 as pb
 from pytest_vmfork.tree import TreeWriter
-from pytest_vmfork.vm.process import _Output, truncation_marker
+from pytest_vmfork.vm.process import OutputBuffer, truncation_marker
 
 TE = pb.TreeEntry
 
@@ -79,7 +79,7 @@ def test_directory_modes_are_applied_after_their_entries(tmp_path):
 
 
 def test_output_keeps_the_newest_bytes_and_counts_what_was_dropped():
-    out = _Output("stdout", limit=10)
+    out = OutputBuffer("stdout", limit=10)
     out.take(0, b"0123456789abcdef")
     assert out.value() == truncation_marker("stdout", 6) + b"6789abcdef"
     out.take(30, b"XY")  # the guest dropped 16..29 before we asked: the buffer stays contiguous

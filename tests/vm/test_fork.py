@@ -75,7 +75,7 @@ def test_vm_process_and_files_are_gone_after_close(vmfork_snapshot):
         assert os.path.exists(f"/proc/{pid}") and workdir.exists()
     assert not os.path.exists(f"/proc/{pid}")
     assert not workdir.exists()
-    with pytest.raises(StateError, match="cannot exec: VM is closed"):
+    with pytest.raises(StateError, match=r"cannot exec: VM '[^']+' is closed; exec needs running"):
         machine.exec(["true"])
 
 
@@ -94,16 +94,16 @@ def test_warm_pool_forks_skip_spawn_and_load_and_close_cleanly(vmfork_snapshot):
     pool = WarmPool(vmfork_snapshot, run, None, size=1)
     try:
         deadline = time.monotonic() + 60
-        while not pool._ready and time.monotonic() < deadline:
+        while not pool.ready_pids() and time.monotonic() < deadline:
             time.sleep(0.05)  # bounded wait for the background fill in this test only
         with fork(vmfork_snapshot, run=run, pool=pool) as warm:
             assert warm.timings["pooled"] is True and warm.timings["spawn_ms"] == 0.0
             assert warm.exec(["true"]).returncode == 0
         pooled_pid = None
         deadline = time.monotonic() + 60
-        while not pool._ready and time.monotonic() < deadline:
+        while not pool.ready_pids() and time.monotonic() < deadline:
             time.sleep(0.05)
-        pooled_pid = pool._ready[0].pid
+        pooled_pid = pool.ready_pids()[0]
     finally:
         pool.close()
         run.remove()

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pytest_vmfork import VM, ConfigError, Snapshot, StateError, fork, vmfork_layer
-from pytest_vmfork.vm.snapshot import _sha256
+from pytest_vmfork.vm.snapshot import file_sha256
 
 READ_RANDOM = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
 #: Dials the host (the default gateway) and sends this fork's name.
@@ -36,7 +36,7 @@ app_layer = vmfork_layer(start_app)
 
 
 def checksums(snap: Snapshot) -> dict[str, str]:
-    return {p.name: _sha256(p) for p in (snap.memory_path, snap.state_path)}
+    return {p.name: file_sha256(p) for p in (snap.memory_path, snap.state_path)}
 
 
 def test_two_forks_of_a_layer_share_its_file_and_process_but_not_payload_randomness_or_address(

@@ -143,8 +143,8 @@ def link_of(name: str) -> dict | None:
 
 def bridge_of(vm) -> tuple[str, ipaddress.IPv4Interface]:
     """The bridge the fork's TAP is enslaved to and the bridge's (gateway) address."""
-    tap = link_of(vm._lease.tap)
-    assert tap is not None and tap["up"], f"TAP {vm._lease.tap} of {vm.name} is missing or down"
+    tap = link_of(vm.tap)
+    assert tap is not None and tap["up"], f"TAP {vm.tap} of {vm.name} is missing or down"
     bridge = link_of(tap["master"])
     assert bridge is not None and bridge["kind"] == "bridge"
     (gateway,) = bridge["addrs"]
@@ -195,7 +195,7 @@ def test_forks_of_one_run_reach_each_other_by_ip(vm_factory):
 
 def test_two_forks_get_distinct_addresses_and_macs_that_the_guests_really_have(vm_factory):
     a, b = vm_factory(), vm_factory()
-    assert a.ip != b.ip and a.mac != b.mac and a._lease.tap != b._lease.tap
+    assert a.ip != b.ip and a.mac != b.mac and a.tap != b.tap
     bridge_a, gateway = bridge_of(a)
     bridge_b, _ = bridge_of(b)
     assert bridge_a == bridge_b, "forks of one run must share the run's bridge"
@@ -233,7 +233,7 @@ def same_link_exists(name: str, index: int) -> bool:
 
 def test_closing_a_fork_removes_its_tap(vm_factory):
     machine = vm_factory()
-    tap = machine._lease.tap
+    tap = machine.tap
     handles = json.loads((machine.dir / "handles.json").read_text())
     assert handles["tap"] == tap and handles["ip"] == machine.ip
     bridge, _ = bridge_of(machine)
@@ -251,7 +251,7 @@ def test_closing_a_fork_removes_its_tap(vm_factory):
 
 def test_tap_disappears_when_the_qemu_process_dies_without_close(vm_factory):
     machine = vm_factory()
-    tap = machine._lease.tap
+    tap = machine.tap
     index = socket.if_nametoindex(tap)
     os.kill(machine.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10

@@ -59,7 +59,7 @@ def test_a_prewarmed_pool_fork_has_its_own_payload_generation_entropy_and_networ
             assert t["prepare_ms"] > 0 and t["spawn_ms"] == t["load_ms"] == 0.0
             assert t["handoff_path"] == "ack" and t["guest_apply"] == "unchanged", t
             assert a.read_mailbox("app-config") == {"n": 1}
-            assert a._agent.health().generation == a.generation
+            assert a.agent.health().generation == a.generation
             assert guest_eth0(a) == (a.mac.lower(), [f"{a.ip}/{net.subnet.prefixlen}"])
             assert abs(int(a.exec(["date", "+%s"]).stdout) - time.time()) < 10
             b = fork(vmfork_snapshot, run=run, network=net, pool=pool, mailboxes={"app-config": {"n": 2}})

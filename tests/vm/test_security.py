@@ -229,7 +229,7 @@ def test_a_guest_abusing_the_event_channel_fails_its_own_fork_only(vm_factory, a
 
 def test_a_guest_flooding_its_serial_console_is_bounded_by_the_log_limit(vmfork_snapshot, vm_factory, monkeypatch):
     limit = 100_000  # the default is 8 MiB; the guest's serial port writes ~200 KB/s under TCG
-    monkeypatch.setattr(sys.modules["pytest_vmfork.vm.fork"], "FORK_FILE_LIMIT", limit)
+    monkeypatch.setattr(sys.modules["pytest_vmfork.vm.restore"], "FORK_FILE_LIMIT", limit)
     with fork(vmfork_snapshot) as victim:  # not from the warm pool: spawned with this limit
         try:
             victim.exec("head -c 300000 /dev/zero > /dev/ttyS0", timeout=120)
