@@ -11,13 +11,16 @@ Library use, without pytest::
 
 from pytest_vmfork.errors import (
     AckTimeout,
+    AgentTimeout,
     BuildError,
     ConfigError,
+    EventChannelError,
     GuestError,
     GuestFileError,
     HandoffError,
     ImageBuildError,
     ProcessTimeout,
+    QemuTimeout,
     RestoreError,
     StateError,
     VMForkError,
@@ -35,8 +38,10 @@ from pytest_vmfork.vm.template import Template
 
 __all__ = [
     "AckTimeout",
+    "AgentTimeout",
     "BuildError",
     "ConfigError",
+    "EventChannelError",
     "ExecResult",
     "ExecTimeout",
     "GuestError",
@@ -46,6 +51,7 @@ __all__ = [
     "MailboxPayload",
     "Process",
     "ProcessTimeout",
+    "QemuTimeout",
     "RestoreError",
     "Run",
     "RunNetwork",

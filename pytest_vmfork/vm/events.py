@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pytest_vmfork.errors import EventChannelError, QemuTimeout
 from pytest_vmfork.vm import qmploop
 
-#: What the host writes to resume the guest's agent (guest/agent.py waits for it).
+#: What the host writes to resume the guest's agent (guest/vmfork_agent/server.py waits for it).
 DOORBELL = b"R"
 #: The prefix of an event line; any other line on the port is ignored.
 EVENT_PREFIX = "vmfork-evt "

@@ -30,6 +30,9 @@ POLL_S = 5.0  # one long poll; a wait is a series of these
 RPC_GRACE_S = 10.0
 REPORT_TAIL_LINES = 20
 REPORT_TAIL_BYTES = 4096
+#: How long a failure report waits for the guest's view of a process: a TCG guest on a
+#: loaded CI host (two xdist workers) took over 3 s; a failing test can afford this.
+REPORT_RPC_TIMEOUT_S = 10.0
 
 
 def truncation_marker(stream: str, dropped: int) -> bytes:
@@ -237,10 +240,10 @@ class Process:
 
     def report_section(self) -> tuple[str, str] | None:
         """(title, text) for a failure report if the process has exited, else None.
-        Asks the guest first (briefly); never raises."""
+        Asks the guest first (at most REPORT_RPC_TIMEOUT_S); never raises."""
         try:
             if not self._closed:
-                self._refresh(rpc_timeout=3.0)
+                self._refresh(rpc_timeout=REPORT_RPC_TIMEOUT_S)
         except (GuestError, TimeoutError):
             pass
         if self.returncode is None:
