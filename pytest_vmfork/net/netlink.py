@@ -2,7 +2,7 @@
 
 pyroute2's synchronous API runs its own asyncio loop, so it cannot be called from
 a thread that is running one (our QEMU/QMP loop, an async test). Shared by
-network.py (bridges, TAPs), subnets.py (the host's routes) and gc.py (stale links),
+network.py (bridges, TAPs), subnets.py (the host's routes) and janitor/links.py (stale links),
 which import this module and not each other's internals.
 """
 

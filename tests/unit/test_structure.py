@@ -165,7 +165,7 @@ def private_names_defined(tree: ast.AST) -> set[str]:
 
 
 def test_no_object_is_reached_into_from_another_module():
-    """``vm._agent`` in pool.py is a reach into fork.py's engine: call its public methods."""
+    """``vm._agent`` in another module is a reach into the object's internals: call its public methods."""
     reached = []
     for name, path in modules().items():
         tree = ast.parse(path.read_text())
