@@ -23,6 +23,8 @@ def test_a_crashed_daemon_shows_its_status_and_output_tail_in_the_failure_report
             still = vm.spawn(["sleep", "600"])
             victim = vm.spawn(["sleep", "600"])
             victim.signal(signal.SIGSEGV)
+            daemon.wait(timeout=60)  # both deaths seen before the test fails: the report
+            victim.wait(timeout=60)  # lists deaths, and a guest under load may lag behind
             assert False, "expected failure"
 
         def test_passes_with_a_daemon_still_running(vm):
